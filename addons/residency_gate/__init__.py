@@ -1,0 +1,1 @@
+"""residency-gate: keep LLM API traffic inside the places an organisation has promised."""

@@ -1,0 +1,181 @@
+"""`residency-gate` command line: run, check, explain, audit, ca.
+
+Exit codes: 0 success (explain: allowed or rerouted), 1 invalid input or a
+blocked request (explain) or a damaged audit log (audit verify), 2 usage errors.
+No command prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .sourcefile import InvalidSource
+
+
+def _policy_or_exit(config: str | None):
+    from .policy import load_policy
+
+    try:
+        return load_policy(config)
+    except InvalidSource as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    policy = _policy_or_exit(args.config)
+    catalog = policy.catalog
+    config = policy.config
+    print(
+        f"ok: config {config.path or '(built-in defaults)'}; catalog {catalog.version}: "
+        f"{len(catalog.providers)} providers, {len(catalog.endpoints)} endpoints, "
+        f"{len(catalog.regions.names)} region names"
+    )
+    return 0
+
+
+def request_from_args(args: argparse.Namespace):
+    """Turn `explain` arguments into the RequestInfo the proxy would build."""
+    from .engine import RequestInfo
+
+    url = args.url if "://" in args.url else f"https://{args.url}"
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"not a URL: {args.url!r}")
+    body: bytes | None = None
+    if args.body is not None:
+        raw = Path(args.body[1:]).read_bytes() if args.body.startswith("@") else args.body.encode()
+        body = raw
+        if args.model:
+            try:
+                data = json.loads(raw)
+            except ValueError as e:
+                raise ValueError(f"--body is not valid JSON: {e}") from None
+            if isinstance(data, dict):
+                data.setdefault("model", args.model)
+                body = json.dumps(data).encode()
+    elif args.model:
+        body = json.dumps({"model": args.model}).encode()
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return RequestInfo(
+        method=args.method.upper(),
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        path=path,
+        tag_values=tuple(args.tag or ()),
+        body=body,
+        client_ip=args.client,
+        user=args.user,
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .engine import decide
+    from .explain import render_text
+
+    policy = _policy_or_exit(args.config)
+    try:
+        req = request_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"residency-gate explain: {e}", file=sys.stderr)
+        return 2
+    decision = decide(policy, req)
+    if args.json:
+        print(json.dumps(decision.summary(policy), indent=2, sort_keys=True))
+    else:
+        print(render_text(policy, req, decision))
+    return 1 if decision.verdict == "block" else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .server import run
+
+    policy = _policy_or_exit(args.config)
+    return run(policy, config_arg=args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="residency-gate",
+        description="Egress proxy that keeps LLM API traffic inside the places it may go.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", metavar="FILE",
+                       help="config file (default ./residency-gate.yaml, else built-in defaults)")
+        return p
+
+    run = with_config(sub.add_parser("run", help="start the proxy in the foreground"))
+    run.set_defaults(func=cmd_run)
+    check = with_config(sub.add_parser("check", help="validate config and catalog"))
+    check.set_defaults(func=cmd_check)
+
+    explain = with_config(sub.add_parser(
+        "explain", help="the decision the proxy would take for a request, without sending it"))
+    explain.add_argument("url", help="e.g. https://api.openai.com/v1/chat/completions")
+    explain.add_argument("--tag", action="append", metavar="T",
+                         help="residency tag, as in the header (repeat or comma-separate)")
+    explain.add_argument("--model", metavar="M", help="model ID (put in the body's `model`)")
+    explain.add_argument("--body", metavar="JSON", help="request body as JSON, or @file")
+    explain.add_argument("--method", default="POST")
+    explain.add_argument("--client", metavar="IP", help="client address, for client rules")
+    explain.add_argument("--user", metavar="U", help="proxy-auth user, for user rules")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(func=cmd_explain)
+
+    for module in ("residency_gate.audit.cli", "residency_gate.cacli"):
+        try:
+            registrar = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue
+        registrar(sub)
+    return parser
+
+
+def _late_defaults(args: argparse.Namespace) -> None:
+    """Subcommands that read files default to the config's directories."""
+    if getattr(args, "command", None) not in ("audit", "ca"):
+        return
+    from .config import find_config, load_config
+
+    try:
+        config = load_config(find_config(getattr(args, "config", None)))
+    except InvalidSource:
+        return
+    args.default_audit_dir = config.audit.dir
+    args.default_certs_dir = config.certs_dir
+
+    def patterns() -> list[str]:
+        from .catalog import load_catalog
+
+        return load_catalog(config.catalog).host_patterns()
+
+    args.catalog_host_patterns = patterns
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _late_defaults(args)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

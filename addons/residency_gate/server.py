@@ -1,0 +1,160 @@
+"""`residency-gate run`: mitmproxy embedded, our addon loaded, config already valid.
+
+Startup order matters for fail-closed: policy validated -> audit chain recovered
+-> CA present -> listen. Shutdown flushes the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import certifi
+from mitmproxy.options import Options
+from mitmproxy.tools.dump import DumpMaster
+
+from .addon import Gate, ResidencyGate
+from .audit.keys import load_or_create_signing_key
+from .audit.writer import AuditWriter
+from .logs import setup_logging
+from .metrics import METRICS
+from .policy import Policy
+from .reload import Reloader
+
+log = logging.getLogger("residency_gate")
+
+CA_CERT = "mitmproxy-ca-cert.pem"
+
+
+def upstream_trust_bundle(policy: Policy) -> Path | None:
+    """mitmproxy's trusted-CA option replaces the default roots; we add to them instead."""
+    extra = policy.config.upstream_ca
+    if extra is None:
+        return None
+    bundle = policy.config.certs_dir / "upstream-trust.pem"
+    data = Path(certifi.where()).read_bytes() + b"\n" + extra.read_bytes()
+    if not bundle.exists() or bundle.read_bytes() != data:
+        bundle.write_bytes(data)
+    return bundle
+
+
+def mitmproxy_options(policy: Policy) -> dict:
+    config = policy.config
+    opts: dict = {
+        "listen_host": config.listen[0],
+        "listen_port": config.listen[1],
+        "mode": [config.mode],
+        "confdir": str(config.certs_dir),
+        # Lazy: no upstream connection before our decision, so a refused request
+        # never even opens a TCP/TLS connection to the provider.
+        "connection_strategy": "lazy",
+    }
+    bundle = upstream_trust_bundle(policy)
+    if bundle is not None:
+        opts["ssl_verify_upstream_trusted_ca"] = str(bundle)
+    if config.proxy_auth:
+        opts["proxyauth"] = config.proxy_auth
+    return opts
+
+
+def open_audit(policy: Policy) -> AuditWriter:
+    audit = policy.config.audit
+    key = load_or_create_signing_key(policy.config.certs_dir)
+    writer = AuditWriter(
+        audit.dir, key, audit.origin, fsync=audit.fsync,
+        rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
+        checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
+        anchor_file=audit.anchor,
+    )
+    writer.open()
+    return writer
+
+
+async def serve(policy: Policy, config_arg: str | None) -> int:
+    config = policy.config
+    config.certs_dir.mkdir(parents=True, exist_ok=True)
+    ca_existed = (config.certs_dir / CA_CERT).exists()
+    writer = open_audit(policy)
+    gate = Gate(policy=policy, audit=writer, metrics=METRICS)
+    METRICS.set_catalog_version(policy.catalog.version)
+    METRICS.open_connections.set(0)
+
+    master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
+    master.addons.add(ResidencyGate(gate))
+    master.options.update(**mitmproxy_options(policy))
+
+    admin = None
+    if config.admin is not None:
+        from .admin import AdminServer
+
+        def ready() -> dict[str, bool | str]:
+            return {"catalog": gate.policy is not None, "audit": gate.audit.healthy}
+
+        admin = AdminServer(config.admin[0], config.admin[1], METRICS.registry, ready)
+        await admin.start()
+        log.info("admin listener on http://%s:%d (/healthz /readyz /metrics)",
+                 config.admin[0], admin.port)
+
+    reloader = Reloader(gate, config_arg, METRICS)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
+    reloader.start()
+
+    run = asyncio.create_task(master.run())
+    await asyncio.sleep(0)
+    for _ in range(200):  # wait for the listener, so the log line tells the truth
+        if run.done() or (config.certs_dir / CA_CERT).exists() and _listening(master):
+            break
+        await asyncio.sleep(0.05)
+    if not ca_existed and (config.certs_dir / CA_CERT).exists():
+        print(
+            f"residency-gate: created an interception CA in {config.certs_dir}.\n"
+            f"  Clients must trust {config.certs_dir / CA_CERT} (e.g. SSL_CERT_FILE, "
+            "AWS_CA_BUNDLE, NODE_EXTRA_CA_CERTS, or the OS trust store);\n"
+            "  `residency-gate ca export` prints it (PEM/DER) and `residency-gate ca pac` "
+            "writes a PAC file.",
+            file=sys.stderr, flush=True,
+        )
+    if not run.done():
+        log.info("residency-gate listening on %s:%d (mode %s), catalog %s, audit origin %s",
+                 config.listen[0], config.listen[1], config.mode, policy.catalog.version,
+                 config.audit.origin)
+    try:
+        await run
+    finally:
+        reloader.stop()
+        if admin is not None:
+            await admin.stop()
+        if gate.background:
+            await asyncio.gather(*gate.background, return_exceptions=True)
+        try:
+            await writer.close()
+        except Exception as e:
+            log.critical("audit log could not be closed cleanly: %s", e)
+    errored = getattr(master, "errorcheck", None)
+    return 1 if errored is not None and errored.has_errored else 0
+
+
+def _listening(master: DumpMaster) -> bool:
+    proxyserver = master.addons.get("proxyserver")
+    servers = getattr(proxyserver, "servers", None)
+    try:
+        return any(s.listen_addrs for s in servers)
+    except Exception:
+        return False
+
+
+def run(policy: Policy, config_arg: str | None = None) -> int:
+    setup_logging(policy.config.log_format, policy.config.log_level)
+    try:
+        return asyncio.run(serve(policy, config_arg))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
