@@ -10,6 +10,7 @@ precompiled path patterns, and place sets already expanded to frozensets.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -481,29 +482,28 @@ class _Compiler:
 def _host_problems(catalog_patterns: list[HostPattern], exact: dict[str, list[tuple]]) -> list:
     """Pairs of hosts that could both match one host name: ambiguous, so an error."""
     problems = []
+    # Each conflict is reported at both places, so whoever edits either file sees it.
     for host, owners in exact.items():
-        if len(owners) > 1:
-            (e1, doc1, p1), (e2, *_rest) = owners[0], owners[1]
-            problems.append(doc1.problem(p1, f"host {host!r} is claimed by {e1.key} and {e2.key}"))
+        for (e1, doc1, p1), (e2, doc2, p2) in itertools.pairwise(owners):
+            message = f"host {host!r} is claimed by {e1.key} and {e2.key}"
+            problems += [doc1.problem(p1, message), doc2.problem(p2, message)]
     for host, owners in exact.items():
         labels = host.split(".")
         for hp in catalog_patterns:
             if len(hp.labels) == len(labels) and hp.regex.fullmatch(host):
                 e1, doc1, p1 = owners[0]
-                problems.append(
-                    doc1.problem(p1, f"host {host!r} ({e1.key}) also matches pattern "
-                                     f"{hp.pattern!r} ({hp.endpoint.key})")
-                )
+                message = (f"host {host!r} ({e1.key}) also matches pattern {hp.pattern!r} "
+                           f"({hp.endpoint.key})")
+                problems += [doc1.problem(p1, message), hp.where[0].problem(hp.where[1], message)]
     for i, a in enumerate(catalog_patterns):
         for b in catalog_patterns[i + 1:]:
             if len(a.labels) == len(b.labels) and all(
                 _labels_overlap(x, y) for x, y in zip(a.labels, b.labels, strict=True)
             ):
-                doc, path = a.where
-                problems.append(
-                    doc.problem(path, f"host pattern {a.pattern!r} ({a.endpoint.key}) overlaps "
-                                      f"{b.pattern!r} ({b.endpoint.key})")
-                )
+                message = (f"host pattern {a.pattern!r} ({a.endpoint.key}) overlaps "
+                           f"{b.pattern!r} ({b.endpoint.key})")
+                problems += [a.where[0].problem(a.where[1], message),
+                             b.where[0].problem(b.where[1], message)]
     return problems
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -45,7 +46,7 @@ def request_from_args(args: argparse.Namespace):
 
     url = args.url if "://" in args.url else f"https://{args.url}"
     parts = urlsplit(url)
-    if not parts.hostname:
+    if not parts.hostname or not re.fullmatch(r"[a-z0-9.\-\[\]:]+", parts.hostname):
         raise ValueError(f"not a URL: {args.url!r}")
     body: bytes | None = None
     if args.body is not None:

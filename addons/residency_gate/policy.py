@@ -116,11 +116,12 @@ class Policy:
             names = tuple(t.strip().lower() for t in raw.split(",") if t.strip())
             if not names:
                 continue
-            places: set[str] = set()
-            for name in names:
-                places |= self.expand(name)
+            # `eu, de` is the same header repeated (RFC 9110 5.3): each one narrows.
+            places = self.expand(names[0])
+            for name in names[1:]:
+                places = places & self.expand(name)
             parts.append(RequirementPart("tag", f"header {header}: {raw.strip()}", names,
-                                         frozenset(places)))
+                                         places))
         if not parts:
             return Requirement()
         places = parts[0].places

@@ -108,7 +108,7 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
     run = asyncio.create_task(master.run())
     await asyncio.sleep(0)
     for _ in range(200):  # wait for the listener, so the log line tells the truth
-        if run.done() or (config.certs_dir / CA_CERT).exists() and _listening(master):
+        if run.done() or ((config.certs_dir / CA_CERT).exists() and _listening(master)):
             break
         await asyncio.sleep(0.05)
     if not ca_existed and (config.certs_dir / CA_CERT).exists():

@@ -1,0 +1,11 @@
+"""For people who already run mitmproxy:
+
+    mitmdump -s addons/mitmdump_addon.py --set residency_config=residency-gate.yaml \
+             --set connection_strategy=lazy
+
+(residency-gate must be installed in mitmproxy's Python environment.)
+"""
+
+from residency_gate.standalone import StandaloneResidencyGate
+
+addons = [StandaloneResidencyGate()]
