@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,8 +29,9 @@ from mitmproxy.proxy import server_hooks
 
 from .engine import ALLOW, BLOCK, REROUTE, Decision, RequestInfo, decide
 from .policy import Policy
+from .reroute import Route, apply_body_fields
 from .responses import refusal
-from .sigv4 import signed_headers
+from .sigv4 import is_signed, signed_headers
 
 log = logging.getLogger("residency_gate")
 
@@ -89,6 +91,31 @@ def _hostname(authority: str | None) -> str:
         return authority[1:].split("]", 1)[0].lower()
     return authority.rsplit(":", 1)[0].rstrip(".").lower() if authority.count(":") == 1 \
         else authority.rstrip(".").lower()
+
+
+def apply_route(flow: http.HTTPFlow, route: Route) -> None:
+    """Send the request where the plan says; credentials come from the environment."""
+    headers = flow.request.headers
+    for name in route.remove_headers:
+        headers.pop(name, None)
+    for name, value in route.set_headers.items():
+        if value.startswith("env:"):
+            secret = os.environ.get(value[4:])
+            if not secret:
+                raise Refused(503, "reroute_key_missing",
+                              f"The compliant endpoint {route.host} needs a key from environment "
+                              f"variable {value[4:]}, which is not set on the proxy; refused.")
+            value = secret if name != "authorization" else f"Bearer {secret}"
+        headers[name] = value
+    if route.body_fields:
+        flow.request.content = apply_body_fields(flow.request.get_content(strict=True),
+                                                 route.body_fields)
+    flow.request.scheme = route.scheme
+    flow.request.host = route.host
+    flow.request.port = route.port
+    flow.request.path = route.path
+    default = 443 if route.scheme == "https" else 80
+    flow.request.host_header = route.host if route.port == default else f"{route.host}:{route.port}"
 
 
 class ResidencyGate:
@@ -190,6 +217,7 @@ class ResidencyGate:
             body=body,
             client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
             user=(flow.metadata.get("proxyauth") or (None,))[0],
+            signed=is_signed(flow.request),
         )
         t0 = time.perf_counter()
         decision = decide(policy, req)
@@ -204,9 +232,10 @@ class ResidencyGate:
             flow.response = refusal(decision.api, decision.status, decision.code,
                                     decision.reason, state.audit_id)
             return
-        if decision.verdict == REROUTE:
-            raise Refused(500, "internal_error", "reroute is not available")  # issue 5
         self._strip_tag(flow, policy.config.header)
+        if decision.verdict == REROUTE:
+            apply_route(flow, decision.route)
+            state.routed_to = decision.route.host
 
     async def _destination(self, flow: http.HTTPFlow, policy: Policy) -> str | None:
         """The LLM host this request really goes to, or None for non-LLM traffic.

@@ -100,7 +100,7 @@ class AdminServer:
             limit=MAX_REQUEST_HEAD,
             reuse_address=True,
         )
-        log.info("admin listener on %s (/healthz /readyz /metrics)", self.url)
+        log.debug("admin listener on %s", self.url)
 
     async def stop(self) -> None:
         server, self._server = self._server, None

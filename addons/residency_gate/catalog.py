@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -307,6 +308,32 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Reroute:
+    """How a request to an endpoint may be rewritten to a compliant one."""
+
+    strategy: str  # host | vertex_location | body_field | azure_deployment | never
+    to: tuple[str, ...] = ()
+    reason: str = ""
+    availability: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def offers(self, value: str | None, model: str | None) -> bool:
+        """Is `model` offered where `value` (region, location, geo) points?
+
+        No availability data: the provider offers the same models everywhere. Once a
+        provider's availability is declared, an unlisted place offers nothing we can prove.
+        """
+        if not self.availability or model is None:
+            return True
+        patterns = self.availability.get((value or "").lower())
+        if patterns is None:
+            return False
+        return any(fnmatchcase(model.lower(), p.lower()) for p in patterns)
+
+
+NO_REROUTE = Reroute("never")
+
+
+@dataclass(frozen=True)
 class Endpoint:
     provider: Provider
     id: str
@@ -317,7 +344,7 @@ class Endpoint:
     note: str
     source: str
     reviewed: str
-    reroute: Mapping[str, Any] | None = None
+    reroute: Reroute = NO_REROUTE
 
     @property
     def key(self) -> str:
@@ -520,6 +547,16 @@ def _labels_overlap(a: str, b: str) -> bool:
     return prefix_ok and suffix_ok
 
 
+def _reroute(raw: Mapping[str, Any] | None) -> Reroute:
+    if not raw:
+        return NO_REROUTE
+    return Reroute(
+        strategy=raw["strategy"], to=tuple(raw.get("to", ())), reason=raw.get("reason", ""),
+        availability={k.lower(): tuple(v["models"]) for k, v in
+                      (raw.get("availability") or {}).items()},
+    )
+
+
 def catalog_files(extra: Iterable[Path] = ()) -> tuple[Path | None, list[Path]]:
     """regions.yaml to use and provider files, shipped first, then the operator's."""
     regions = SHIPPED_CATALOG / "regions.yaml"
@@ -584,9 +621,15 @@ def load_catalog(extra: Iterable[Path] = ()) -> Catalog:
                 model=tuple(Extractor.compile(e) for e in raw.get("model", ())),
                 locator=compiler.locator(doc, epath, raw, captures),
                 note=raw.get("note", ""), source=raw["source"], reviewed=str(raw["reviewed"]),
-                reroute=raw.get("reroute"),
+                reroute=_reroute(raw.get("reroute")),
             ))
             where[f"{provider.id}/{raw['id']}"] = (doc, {"path": epath})
+        for i, endpoint in enumerate(endpoints):
+            for j, target in enumerate(endpoint.reroute.to):
+                if target not in seen_ids or target == endpoint.id:
+                    problems.append(doc.problem(("endpoints", i, "reroute", "to", j),
+                                                f"reroute target {target!r} is not another "
+                                                f"endpoint of {provider.id}"))
         # A later file with the same provider id replaces the shipped one.
         providers[provider.id] = (provider, endpoints)
     problems.extend(compiler.problems)

@@ -13,6 +13,7 @@ from typing import Any
 from .catalog import BodyError, Endpoint, Location, RequestView, first_match, normalise_host
 from .policy import Option, Policy, Requirement, UnknownTag
 from .regions import Places
+from .reroute import Route, plan_reroute
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RequestInfo:
     body: bytes | None = None
     client_ip: str | None = None
     user: str | None = None
+    signed: bool = False  # SigV4: host, path and body must not be rewritten
 
 
 ALLOW, BLOCK, REROUTE = "allow", "block", "reroute"
@@ -52,6 +54,7 @@ class Decision:
     advice: tuple[str, ...] = ()
     options: tuple[Option, ...] = ()
     note: str = ""
+    route: Route | None = None
 
     @property
     def places(self) -> Places | None:
@@ -83,6 +86,9 @@ class Decision:
                 for p in self.requirement.parts
             ],
             "advice": list(self.advice),
+            **({"routed_to": self.route.host, "routed_url": self.route.url,
+                "routed_places": describe(self.route.location.places),
+                "route": self.route.description} if self.route else {}),
         }
 
 
@@ -131,11 +137,11 @@ def decide(policy: Policy, req: RequestInfo) -> Decision:
             f"Refused: a residency requirement (from {requirement.describe()}) applies and the "
             f"request to {host} cannot be classified because its {e}. Send a valid JSON body.",
             requirement=requirement, **base)
-    return judge(policy, endpoint, requirement, location, model, base)
+    return judge(policy, endpoint, requirement, location, model, base, req, view)
 
 
 def judge(policy: Policy, endpoint: Endpoint, requirement: Requirement, location: Location,
-          model: str | None, base: dict) -> Decision:
+          model: str | None, base: dict, req: RequestInfo, view: RequestView) -> Decision:
     """Compare where the request would go with where it may go."""
     describe = policy.regions.describe
     common = dict(requirement=requirement, location=location, model=model, **base)
@@ -173,11 +179,28 @@ def judge(policy: Policy, endpoint: Endpoint, requirement: Requirement, location
                 + ("" if location.storage == location.processing
                    else f" and store it in {describe(location.storage)}")
                 + f" ({location.detail}), which includes {outside}")
+    no_route = ""
+    if policy.config.on_violation == "reroute":
+        try:
+            route, why = plan_reroute(policy, endpoint, view, model, requirement.places,
+                                      req.scheme, req.port, view.query, req.signed)
+        except BodyError as e:
+            route, why = None, str(e)
+        if route is not None:
+            return Decision(
+                REROUTE, 0, "rerouted",
+                f"Rerouted: requirement {describe(requirement.places)} "
+                f"(from {requirement.describe()}); {what}. Sent instead to {route.url} "
+                f"({route.description}), which processes in "
+                f"{describe(route.location.processing)}.",
+                route=route, advice=advice, options=options, **common)
+        code = "no_compliant_route"
+        no_route = f" No reroute: {why}."
     fix = ("To comply: " + "; or ".join(advice) + "." if advice
            else f"No {endpoint.provider.name} endpoint in the catalog satisfies it.")
     note = f" Note: {endpoint.note}" if endpoint.note else ""
     reason = (f"Blocked by residency policy: requirement {describe(requirement.places)} "
-              f"(from {requirement.describe()}), but {what}. {fix}{note}")
+              f"(from {requirement.describe()}), but {what}.{no_route} {fix}{note}")
     return Decision(BLOCK, 451, code, reason, advice=advice, options=options, **common)
 
 

@@ -296,9 +296,7 @@ class _Metric:
 
     def remove(self, *values: str, **kv: str) -> None:
         """Forget one label set (it disappears from the exposition)."""
-        key = (
-            tuple(str(kv[n]) for n in self.labelnames) if kv else tuple(str(v) for v in values)
-        )
+        key = tuple(str(kv[n]) for n in self.labelnames) if kv else tuple(str(v) for v in values)
         with self._create_lock:
             self._children.pop(key, None)
 

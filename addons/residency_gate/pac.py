@@ -25,8 +25,10 @@ __all__ = ["pac_file", "pattern_regex", "proxy_directive"]
 
 _LABEL_CHARS = "[a-z0-9-]"
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_LITERAL_OK = re.compile(r"^[a-z0-9.-]*$")
-_HOSTPORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$")
+_LITERAL_OK = re.compile(r"[a-z0-9.-]*")
+_HOSTPORT = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})"
+)
 
 
 def pattern_regex(pattern: str) -> str:
@@ -41,13 +43,13 @@ def pattern_regex(pattern: str) -> str:
     pos = 0
     for m in _PLACEHOLDER.finditer(p):
         literal = p[pos : m.start()]
-        if not _LITERAL_OK.match(literal):
+        if not _LITERAL_OK.fullmatch(literal):
             raise ValueError(f"invalid host pattern {pattern!r}")
         out.append(re.escape(literal).replace("\\-", "-"))
         out.append(_LABEL_CHARS + "+")
         pos = m.end()
     tail = p[pos:]
-    if not _LITERAL_OK.match(tail):
+    if not _LITERAL_OK.fullmatch(tail):
         raise ValueError(f"invalid host pattern {pattern!r}")
     out.append(re.escape(tail).replace("\\-", "-"))
     out.append("$")
@@ -63,7 +65,7 @@ def proxy_directive(proxy: str) -> str:
         item = item.strip()
         if item.upper().startswith("PROXY "):
             item = item[6:].strip()
-        m = _HOSTPORT.match(item)
+        m = _HOSTPORT.fullmatch(item)
         if not m or not 1 <= int(m.group(1)) <= 65535:
             raise ValueError(f"proxy must be HOST:PORT, got {item!r}")
         directives.append(f"PROXY {item}")

@@ -74,7 +74,7 @@ class Policy:
     client_rules: list[tuple] = field(default_factory=list)
     default: RequirementPart | None = None
     azure: dict[str, AzureResource] = field(default_factory=dict)
-    options: dict[str, list[Option]] = field(default_factory=dict)  # by provider id
+    options: dict[str, list[Option]] = field(default_factory=dict)  # by endpoint key
     _advice_cache: dict = field(default_factory=dict)
 
     @property
@@ -134,10 +134,10 @@ class Policy:
         key = (endpoint.key, requirement)
         cached = self._advice_cache.get(key)
         if cached is None:
-            cached = [
-                o for o in self.options.get(endpoint.provider.id, ()) if o.places <= requirement
-            ]
-            cached.sort(key=lambda o: (o.endpoint is not endpoint, len(o.places) == 0))
+            keys = [endpoint.key, *(f"{endpoint.provider.id}/{t}" for t in endpoint.reroute.to)]
+            cached = [o for k in keys for o in self.options.get(k, ()) if o.places <= requirement]
+            # The broadest compliant place first: fewest constraints for the application.
+            cached.sort(key=lambda o: (o.endpoint is not endpoint, -len(o.places), o.value or ""))
             if len(self._advice_cache) > 4096:
                 self._advice_cache.clear()
             self._advice_cache[key] = cached
@@ -171,8 +171,11 @@ def _options_for(endpoint: Endpoint, policy: Policy) -> list[Option]:
     elif loc.kind in ("host", "path"):
         table = {k: v.processing | v.storage for k, v in loc.values.items()}
         for region_id, places in loc.cloud_regions.items():
-            table.setdefault(region_id, places)
+            if f"{loc.cloud}:{region_id}" not in regions.multi_regions:
+                table.setdefault(region_id, places)
         capture = loc.capture if loc.kind == "host" else loc.host_capture
+        if loc.kind == "path" and capture is None:
+            table = {}  # a location belongs in the host as well: see the regional endpoints
         for value, places in table.items():
             host = host_with(capture, value) if capture else exact_host()
             if host is None:
@@ -190,6 +193,8 @@ def _options_for(endpoint: Endpoint, policy: Policy) -> list[Option]:
                               "(cross-region inference profile)"))
         if loc.host_capture:
             for region_id, places in loc.cloud_regions.items():
+                if f"{loc.cloud}:{region_id}" in regions.multi_regions:
+                    continue
                 host = host_with(loc.host_capture, region_id)
                 if host:
                     out.append(Option(endpoint, "host", region_id, host, places,
@@ -262,7 +267,7 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
     if problems:
         raise InvalidSource(problems)
     for endpoint in catalog.endpoints:
-        policy.options.setdefault(endpoint.provider.id, []).extend(_options_for(endpoint, policy))
+        policy.options[endpoint.key] = _options_for(endpoint, policy)
     return policy
 
 

@@ -36,6 +36,7 @@ class RegionTree:
     group_names: list[str] = field(default_factory=list)
     clouds: dict[str, dict[str, Places]] = field(default_factory=dict)
     azure: dict[str, AzureRegion] = field(default_factory=dict)
+    multi_regions: set[str] = field(default_factory=set)  # "gcp:eu": not one place's region
 
     @property
     def everywhere(self) -> Places:
@@ -141,6 +142,7 @@ def build_region_tree(doc: SourceDoc) -> tuple[RegionTree, list[Problem]]:
                 places = places_of([region["country"]], (*path, "country"))
             else:
                 places = places_of(region.get("places", []), (*path, "places"))
+                tree.multi_regions.add(f"{cloud}:{region_id}".lower())
             table[region_id.lower()] = places
             tree.names[f"{cloud}:{region_id}".lower()] = places
             if cloud == "azure":

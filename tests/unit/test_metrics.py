@@ -7,7 +7,6 @@ import re
 import threading
 
 import pytest
-
 from residency_gate.metrics import (
     CONTENT_TYPE,
     DECISION_BUCKETS,

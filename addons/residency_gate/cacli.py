@@ -1,0 +1,466 @@
+"""`residency-gate ca ...`: export the interception CA, write a PAC file, install a sub-CA.
+
+    residency-gate ca export [--format pem|der] [--out FILE] [--certs-dir DIR]
+    residency-gate ca pac --proxy HOST:PORT [--out FILE]
+    residency-gate ca install-subca --cert CERT.pem --key KEY.pem [--chain CHAIN.pem] [--force]
+
+The certs directory is ``--certs-dir``, else ``args.default_certs_dir`` (set by
+the main CLI from the config's ``certs_dir``), else ``./certs``. Files follow
+mitmproxy's names so mitmproxy loads them unchanged:
+
+    mitmproxy-ca.pem        private key + CA certificate (+ chain): the signing CA (secret)
+    mitmproxy-ca.p12        the same as PKCS#12 (secret)
+    mitmproxy-ca-cert.pem   the CA certificate clients must trust (PEM)
+    mitmproxy-ca-cert.cer   the same bytes, for Android
+    mitmproxy-ca-cert.p12   the certificate as PKCS#12, for Windows
+    mitmproxy-dhparam.pem   DH parameters
+
+Bad input is reported as one line on stderr with exit status 1 or 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["CaError", "install_subca", "load_or_create_ca", "register"]
+
+BASENAME = "mitmproxy"
+KEY_SIZE = 2048
+
+
+class CaError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def register(subparsers) -> None:
+    """Add the ``ca`` command (with export, pac, install-subca) to an argparse subparsers object."""
+    ca = subparsers.add_parser(
+        "ca",
+        help="interception CA: export it, write a PAC file, install a corporate sub-CA",
+        description="Manage the interception CA in certs_dir (mitmproxy's file names).",
+    )
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="{export,pac,install-subca}")
+    ca_sub.required = True
+
+    def config_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="config file (default ./residency-gate.yaml, else built-in defaults)",
+        )
+
+    def certs_opt(p: argparse.ArgumentParser) -> None:
+        config_opt(p)
+        p.add_argument(
+            "--certs-dir",
+            dest="certs_dir",
+            default=None,
+            help="certs directory (default: certs_dir from the config, else ./certs)",
+        )
+
+    exp = ca_sub.add_parser(
+        "export",
+        help="write the CA certificate clients must trust (created if missing)",
+        description="Write the interception CA certificate (never the key). "
+        "The CA is created, as mitmproxy would, if it does not exist yet.",
+    )
+    exp.add_argument("--format", choices=("pem", "der"), default="pem", help="default: pem")
+    exp.add_argument("--out", "-o", default=None, help="output file (default: stdout)")
+    certs_opt(exp)
+    exp.set_defaults(func=cmd_export)
+
+    pac = ca_sub.add_parser(
+        "pac",
+        help="write a PAC file sending only catalog hosts through the proxy",
+        description="Write a proxy auto-config file: catalog hosts -> PROXY HOST:PORT, "
+        "everything else DIRECT.",
+    )
+    pac.add_argument(
+        "--proxy",
+        required=True,
+        help="HOST:PORT clients use to reach the proxy (comma-separate several for failover)",
+    )
+    pac.add_argument("--out", "-o", default=None, help="output file (default: stdout)")
+    config_opt(pac)
+    pac.set_defaults(func=cmd_pac)
+
+    sub = ca_sub.add_parser(
+        "install-subca",
+        help="use a corporate sub-CA (cert + key) instead of the generated CA",
+        description="Install a CA certificate and its private key as the interception CA. "
+        "The certificate must be a CA (basicConstraints CA:TRUE) and match the key. "
+        "Restart residency-gate afterwards.",
+    )
+    sub.add_argument(
+        "--cert", required=True, help="PEM (or DER) certificate; may be followed by its chain"
+    )
+    sub.add_argument(
+        "--key", required=True, help="PEM (or DER) private key, unencrypted, RSA or EC"
+    )
+    sub.add_argument(
+        "--chain",
+        default=None,
+        help="PEM file with intermediate certificates sent to clients after the sub-CA",
+    )
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (the old files are kept with a .bak suffix)",
+    )
+    certs_opt(sub)
+    sub.set_defaults(func=cmd_install_subca)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _certs_dir(args: argparse.Namespace) -> Path:
+    d = getattr(args, "certs_dir", None) or getattr(args, "default_certs_dir", None) or "certs"
+    return Path(d)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"residency-gate ca: {message}", file=sys.stderr)
+    return code
+
+
+def _write_output(out: str | None, data: bytes, *, binary: bool) -> None:
+    if out is None or out == "-":
+        if binary and sys.stdout.isatty():
+            raise CaError("refusing to write DER to a terminal; use --out FILE")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(out)
+    try:
+        _atomic_write(path, data, mode=0o644)
+    except OSError as e:
+        raise CaError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_or_create_ca(certs_dir: Path):
+    """mitmproxy's CertStore for certs_dir, creating the CA the way mitmproxy does."""
+    from mitmproxy.certs import CertStore
+
+    created = not (certs_dir / f"{BASENAME}-ca.pem").exists()
+    try:
+        store = CertStore.from_store(certs_dir, BASENAME, KEY_SIZE)
+    except OSError as e:
+        raise CaError(f"cannot use certs dir {certs_dir}: {e.strerror or e}") from None
+    except Exception as e:
+        raise CaError(f"cannot load the CA in {certs_dir / (BASENAME + '-ca.pem')}: {e}") from None
+    if created:
+        print(f"residency-gate ca: created a new interception CA in {certs_dir}", file=sys.stderr)
+    return store
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        store = load_or_create_ca(_certs_dir(args))
+        cert = store.default_ca.to_cryptography()
+        if args.format == "der":
+            data = cert.public_bytes(serialization.Encoding.DER)
+        else:
+            data = cert.public_bytes(serialization.Encoding.PEM)
+        _write_output(args.out, data, binary=args.format == "der")
+    except CaError as e:
+        return _fail(str(e))
+    if args.out and args.out != "-":
+        print(
+            f"wrote {args.out} ({args.format.upper()}, {cert.subject.rfc4514_string()})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_pac(args: argparse.Namespace) -> int:
+    from .pac import pac_file, proxy_directive
+
+    try:
+        proxy_directive(args.proxy)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    provider = getattr(args, "catalog_host_patterns", None)
+    if not callable(provider):
+        return _fail("the catalog's host list is not available")
+    try:
+        patterns = list(provider())
+    except SystemExit:
+        raise
+    except Exception as e:
+        return _fail(f"cannot load the catalog: {e}")
+    try:
+        text = pac_file(patterns, args.proxy)
+        _write_output(args.out, text.encode("utf-8"), binary=False)
+    except ValueError as e:
+        return _fail(f"catalog host pattern: {e}")
+    except CaError as e:
+        return _fail(str(e))
+    if args.out and args.out != "-":
+        print(f"wrote {args.out} ({len(patterns)} host patterns -> {args.proxy})", file=sys.stderr)
+    return 0
+
+
+def cmd_install_subca(args: argparse.Namespace) -> int:
+    try:
+        written = install_subca(
+            _certs_dir(args),
+            Path(args.cert),
+            Path(args.key),
+            chain=Path(args.chain) if args.chain else None,
+            force=args.force,
+        )
+    except CaError as e:
+        return _fail(str(e))
+    for line in written:
+        print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# sub-CA installation
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CaError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise CaError(f"{what} {path}: {e.strerror or e}") from None
+
+
+def _load_certs(path: Path, what: str) -> list:
+    from cryptography import x509
+
+    raw = _read(path, what)
+    try:
+        if b"-----BEGIN" in raw:
+            certs = x509.load_pem_x509_certificates(raw)
+        else:
+            certs = [x509.load_der_x509_certificate(raw)]
+    except ValueError:
+        raise CaError(f"{what} {path}: not a PEM or DER X.509 certificate") from None
+    if not certs:
+        raise CaError(f"{what} {path}: no certificate found")
+    return certs
+
+
+def _load_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    raw = _read(path, "key")
+    try:
+        if b"-----BEGIN" in raw:
+            key = serialization.load_pem_private_key(raw, password=None)
+        else:
+            key = serialization.load_der_private_key(raw, password=None)
+    except TypeError:
+        raise CaError(
+            f"key {path} is encrypted; decrypt it first "
+            f"(openssl pkey -in {path} -out key.pem) and keep the result private"
+        ) from None
+    except Exception as e:
+        if "BEGIN CERTIFICATE" in raw.decode("latin-1") and b"PRIVATE KEY" not in raw:
+            raise CaError(f"key {path}: this is a certificate, not a private key") from None
+        raise CaError(f"key {path}: not a readable private key ({type(e).__name__})") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise CaError(
+            f"key {path}: {type(key).__name__.lstrip('_')} keys are not supported; "
+            "mitmproxy needs an RSA or EC key"
+        )
+    return key
+
+
+def _describe(cert) -> str:
+    return cert.subject.rfc4514_string() or "(empty subject)"
+
+
+def _check_ca_cert(cert, path: Path) -> list[str]:
+    """Refuse a certificate that cannot sign; return warnings."""
+    from cryptography import x509
+
+    warnings: list[str] = []
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise CaError(
+            f"certificate {path} ({_describe(cert)}) has no basicConstraints extension; "
+            "a sub-CA needs basicConstraints CA:TRUE"
+        ) from None
+    except ValueError as e:
+        raise CaError(f"certificate {path}: malformed extensions ({e})") from None
+    if not bc.ca:
+        raise CaError(
+            f"certificate {path} ({_describe(cert)}) is not a CA certificate "
+            "(basicConstraints CA:FALSE); ask your PKI team for a sub-CA with CA:TRUE"
+        )
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            raise CaError(
+                f"certificate {path} ({_describe(cert)}) may not sign certificates "
+                "(keyUsage lacks keyCertSign)"
+            )
+    except x509.ExtensionNotFound:
+        pass
+    if bc.path_length is not None and bc.path_length > 0:
+        pass  # fine: may sign further CAs, we only sign leaves
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc <= now:
+        raise CaError(
+            f"certificate {path} ({_describe(cert)}) expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+        )
+    if cert.not_valid_before_utc > now:
+        raise CaError(
+            f"certificate {path} ({_describe(cert)}) is not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        )
+    if cert.not_valid_after_utc - now < datetime.timedelta(days=30):
+        warnings.append(
+            f"warning: the sub-CA expires on {cert.not_valid_after_utc:%Y-%m-%d}; plan its renewal"
+        )
+    return warnings
+
+
+def _same_key(cert, key) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    def spki(pub) -> bytes:
+        return pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    return spki(cert.public_key()) == spki(key.public_key())
+
+
+def install_subca(
+    certs_dir: Path,
+    cert_path: Path,
+    key_path: Path,
+    *,
+    chain: Path | None = None,
+    force: bool = False,
+) -> list[str]:
+    """Validate and install a sub-CA; returns the lines to print. Raises CaError."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    certs = _load_certs(cert_path, "certificate")
+    cert, extra = certs[0], certs[1:]
+    if chain is not None:
+        extra += _load_certs(chain, "chain")
+    key = _load_key(key_path)
+    warnings = _check_ca_cert(cert, cert_path)
+    if not _same_key(cert, key):
+        raise CaError(
+            f"key {key_path} does not match certificate {cert_path} ({_describe(cert)}); "
+            "the public keys differ"
+        )
+
+    ca_file = certs_dir / f"{BASENAME}-ca.pem"
+    targets = [
+        ca_file,
+        certs_dir / f"{BASENAME}-ca.p12",
+        certs_dir / f"{BASENAME}-ca-cert.pem",
+        certs_dir / f"{BASENAME}-ca-cert.cer",
+        certs_dir / f"{BASENAME}-ca-cert.p12",
+    ]
+    if ca_file.exists() and not force:
+        raise CaError(
+            f"{ca_file} already exists (an interception CA is installed); "
+            "pass --force to replace it (the old files are kept as *.bak)"
+        )
+
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    cert_pem = cert.public_bytes(pem)
+    chain_pem = b"".join(c.public_bytes(pem) for c in extra)
+    name = BASENAME.encode()
+    contents = {
+        targets[0]: (key_pem + cert_pem + chain_pem, 0o600),
+        targets[1]: (
+            pkcs12.serialize_key_and_certificates(
+                name, key, cert, extra or None, serialization.NoEncryption()
+            ),
+            0o600,
+        ),
+        targets[2]: (cert_pem, 0o644),
+        targets[3]: (cert_pem, 0o644),
+        targets[4]: (
+            pkcs12.serialize_key_and_certificates(
+                name, None, cert, None, serialization.NoEncryption()
+            ),
+            0o644,
+        ),
+    }
+    try:
+        certs_dir.mkdir(parents=True, exist_ok=True)
+        backups = []
+        for t in targets:
+            if t.exists():
+                bak = t.with_name(t.name + ".bak")
+                shutil.copy2(t, bak)
+                backups.append(bak)
+        for path, (data, mode) in contents.items():
+            _atomic_write(path, data, mode)
+        dh = certs_dir / f"{BASENAME}-dhparam.pem"
+        if not dh.exists():
+            from mitmproxy.certs import DEFAULT_DHPARAM
+
+            _atomic_write(dh, DEFAULT_DHPARAM, 0o644)
+    except OSError as e:
+        raise CaError(f"cannot write to {certs_dir}: {e.strerror or e}") from None
+
+    # prove mitmproxy accepts what we wrote
+    try:
+        from mitmproxy.certs import CertStore
+
+        CertStore.from_files(ca_file, certs_dir / f"{BASENAME}-dhparam.pem")
+    except Exception as e:  # pragma: no cover - we validated above
+        raise CaError(f"mitmproxy cannot load the installed CA: {e}") from None
+
+    lines = [
+        f"installed sub-CA {_describe(cert)} (issuer {cert.issuer.rfc4514_string()}, "
+        f"valid until {cert.not_valid_after_utc:%Y-%m-%d}) into {certs_dir}",
+    ]
+    if extra:
+        lines.append(f"chain: {len(extra)} certificate(s) sent to clients after the sub-CA")
+    if backups:
+        lines.append("previous files kept as: " + ", ".join(b.name for b in backups))
+    lines += warnings
+    lines.append("restart residency-gate to use it; clients must trust your corporate root CA")
+    return lines
