@@ -1,0 +1,295 @@
+"""`residency-gate audit ...`: verify, show, report, rotate-key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+
+from .keys import AuditKeyError, default_public_keys, load_public_keys, rotate_key
+from .records import parse_ts
+from .verify import Report, iter_records, verify
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit 2."""
+
+
+def _audit_dir(args) -> Path:
+    return Path(getattr(args, "default_audit_dir", None) or "var/audit")
+
+
+def _certs_dir(args) -> Path:
+    return Path(getattr(args, "default_certs_dir", None) or "certs")
+
+
+def _paths(args) -> list[Path]:
+    paths = [Path(p) for p in (args.paths or [])] or [_audit_dir(args)]
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or directory")
+    return paths
+
+
+_REL = re.compile(r"^(\d+)\s*([smhdw])$")
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """RFC 3339, a date (YYYY-MM-DD, UTC midnight), or a relative age like 15m, 2h, 7d."""
+    now = now or datetime.now(UTC)
+    t = text.strip()
+    m = _REL.match(t)
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        secs = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit] * n
+        return now - timedelta(seconds=secs)
+    try:
+        return parse_ts(t)
+    except ValueError:
+        raise UsageError(f"bad time {text!r}: use RFC 3339 (2026-11-28T07:00:00Z), "
+                         "a date (2026-11-28) or an age (15m, 2h, 7d)") from None
+
+
+def _trusted_keys(args) -> dict:
+    try:
+        if args.pubkey:
+            return load_public_keys([Path(p) for p in args.pubkey])
+        keys = default_public_keys(_certs_dir(args))
+    except AuditKeyError as exc:
+        raise UsageError(str(exc)) from None
+    if not keys:
+        raise UsageError(f"no audit public key in {_certs_dir(args)}: pass --pubkey FILE")
+    return keys
+
+
+def _run_verify(args, collect: bool = False) -> Report:
+    paths = _paths(args)
+    anchor = getattr(args, "anchor", None)
+    if anchor and not Path(anchor).is_file():
+        raise UsageError(f"{anchor}: no such anchor file")
+    try:
+        return verify(paths, _trusted_keys(args), Path(anchor) if anchor else None,
+                      collect_records=collect)
+    except OSError as exc:
+        raise UsageError(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}") from None
+
+
+def _ranges(r) -> str:
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in r) or "none"
+
+
+def cmd_verify(args) -> int:
+    report = _run_verify(args)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            print(p.text())
+        for origin, o in report.origins.items():
+            anchored = (f", signed checkpoint covers seq 0-{o.anchored_size - 1}"
+                        if o.anchored_size else ", no signed checkpoint covers it")
+            print(f"origin {origin}: {o.records} records in {len(o.files)} file(s), "
+                  f"vouched seq {_ranges(o.vouched)}{anchored}")
+        n_err, n_warn = len(report.errors), len(report.warnings)
+        print("verified: intact" + (f" ({n_warn} warning(s))" if n_warn else "")
+              if report.ok else f"verification FAILED: {n_err} problem(s)")
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------ show
+
+
+def _client_matches(rec: dict, want: str) -> bool:
+    vals = [str(rec.get("client") or ""), str(rec.get("user") or "")]
+    if "/" in want:
+        try:
+            net = ip_network(want, strict=False)
+        except ValueError:
+            raise UsageError(f"bad --client network {want!r}") from None
+        for v in vals:
+            try:
+                if ip_address(v.split("%")[0]) in net:
+                    return True
+            except ValueError:
+                continue
+        return False
+    return want in vals
+
+
+def _as_list(v) -> list[str]:
+    if v is None:
+        return []
+    return [str(x) for x in v] if isinstance(v, list) else [str(v)]
+
+
+def select_decisions(records, args) -> list[dict]:
+    since = parse_time(args.since) if getattr(args, "since", None) else None
+    until = parse_time(args.until) if getattr(args, "until", None) else None
+    outcomes: dict[str, dict] = {}
+    decisions: list[dict] = []
+    for _file, _line, rec in records:
+        if rec.get("kind") == "outcome" and isinstance(rec.get("decision_id"), str):
+            outcomes[rec["decision_id"]] = rec
+        elif rec.get("kind") == "decision":
+            decisions.append(rec)
+    out = []
+    for rec in decisions:
+        if args.decision and rec.get("decision") != args.decision:
+            continue
+        if args.provider and rec.get("provider") != args.provider:
+            continue
+        if args.requirement and args.requirement not in _as_list(rec.get("requirement")):
+            continue
+        if args.client and not _client_matches(rec, args.client):
+            continue
+        if since or until:
+            try:
+                ts = parse_ts(rec["ts"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if (since and ts < since) or (until and ts >= until):
+                continue
+        oc = outcomes.get(str(rec.get("id")))
+        out.append({**rec, "outcome": {k: oc.get(k) for k in (
+            "status", "bytes_in", "bytes_out", "duration_ms", "error")} if oc else None})
+    return out
+
+
+def _cell(v, width: int) -> str:
+    s = ",".join(_as_list(v)) if isinstance(v, list) else ("" if v is None else str(v))
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def cmd_show(args) -> int:
+    paths = _paths(args)
+    rows = select_decisions(iter_records(paths), args)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False, sort_keys=True))
+        return 0
+    cols = [("TIME", 19), ("ID", 16), ("DECISION", 8), ("CLIENT", 15), ("PROVIDER", 12),
+            ("MODEL", 18), ("REQUIRE", 10), ("PLACES", 16), ("STATUS", 6), ("REASON", 60)]
+    print("  ".join(n.ljust(w) for n, w in cols).rstrip())
+    for r in rows:
+        status = (r.get("outcome") or {}).get("status") or r.get("status")
+        client = r.get("client") or ""
+        if r.get("user"):
+            client = f"{r['user']}@{client}"
+        vals = [str(r.get("ts", ""))[:19].replace("T", " "), r.get("id"), r.get("decision"),
+                client, r.get("provider"), r.get("model"), r.get("requirement"),
+                r.get("places"), status, r.get("reason")]
+        print("  ".join(_cell(v, w).ljust(w) for v, (_n, w) in zip(vals, cols, strict=True))
+              .rstrip())
+    print(f"{len(rows)} decision(s)", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def cmd_report(args) -> int:
+    from .report import render_html
+
+    report = _run_verify(args, collect=True)
+    records = report.records or []
+    decisions = select_decisions(records, args)
+    page = render_html(report, decisions, [str(p) for p in _paths(args)])
+    try:
+        Path(args.html).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{args.html}: {exc.strerror or exc}") from None
+    blocked = sum(1 for d in decisions if d.get("decision") == "block")
+    print(f"wrote {args.html}: {len(decisions)} decision(s), {blocked} blocked, "
+          f"verification {'intact' if report.ok else 'FAILED'}")
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------ rotate-key
+
+
+def cmd_rotate_key(args) -> int:
+    certs = Path(args.certs) if args.certs else _certs_dir(args)
+    try:
+        old, new = rotate_key(certs)
+    except AuditKeyError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{certs}: {exc.strerror or exc}") from None
+    old_hex = old.key_id.split(":", 1)[1]
+    print(f"audit signing key rotated: {old.key_id} -> {new.key_id}")
+    print(f"old key kept as {certs}/audit-signing-key.{old_hex}.pem (+ .pub.pem)")
+    print("restart the proxy: it writes a key_rotation record signed with the old key, then "
+          "signs with the new one. Once `audit verify` shows the hand-over, the old private "
+          "key may be removed; keep the old .pub.pem.")
+    return 0
+
+
+# ------------------------------------------------------------------------------ wiring
+
+
+def _guard(func):
+    def run(args) -> int:
+        try:
+            return func(args)
+        except UsageError as exc:
+            print(f"residency-gate audit: error: {exc}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            return 0
+    run.__name__ = func.__name__
+    return run
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decision", choices=["allow", "block", "reroute"])
+    p.add_argument("--provider")
+    p.add_argument("--requirement", metavar="R", help="requirement name (region/zone/tag)")
+    p.add_argument("--client", metavar="C", help="client IP, network (CIDR) or proxy user")
+    p.add_argument("--since", metavar="TIME", help="RFC 3339, YYYY-MM-DD, or an age: 2h, 7d")
+    p.add_argument("--until", metavar="TIME")
+
+
+def register(subparsers) -> None:
+    audit = subparsers.add_parser("audit", help="verify, list and report on audit files")
+    sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+
+    v = sub.add_parser("verify", help="verify signatures, chain and checkpoints")
+    v.add_argument("paths", nargs="*", metavar="PATH", help="files or directories")
+    v.add_argument("--pubkey", action="append", metavar="FILE",
+                   help="trusted public key (repeatable); default: the keys in certs_dir")
+    v.add_argument("--anchor", metavar="FILE", help="checkpoints kept off the host")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_guard(cmd_verify))
+
+    s = sub.add_parser("show", help="list decisions")
+    s.add_argument("paths", nargs="*", metavar="PATH")
+    _filters(s)
+    s.add_argument("--json", action="store_true", help="JSON lines")
+    s.set_defaults(func=_guard(cmd_show))
+
+    r = sub.add_parser("report", help="self-contained HTML report")
+    r.add_argument("paths", nargs="*", metavar="PATH")
+    r.add_argument("--html", required=True, metavar="FILE")
+    r.add_argument("--pubkey", action="append", metavar="FILE")
+    r.add_argument("--anchor", metavar="FILE")
+    _filters(r)
+    r.set_defaults(func=_guard(cmd_report))
+
+    k = sub.add_parser("rotate-key", help="retire the audit signing key and create a new one")
+    k.add_argument("--certs", metavar="DIR", help="default: certs_dir from the config")
+    k.set_defaults(func=_guard(cmd_rotate_key))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="residency-gate")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Record-level helpers shared by the writer and the verifier."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .canonical import canonical, dumps_plain
+from .keys import SigningKey, public_raw
+
+VERSION = 1
+ZERO_HASH = "0" * 64
+RESERVED = frozenset({"v", "origin", "seq", "ts", "kind", "prev", "key_id", "sig"})
+CHECKPOINTS_PREFIX = "checkpoints-"
+SEGMENT_RE = re.compile(r"^(?P<origin>[A-Za-z0-9._-]+)-(?P<seq>\d{12})\.jsonl$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def origin_safe(origin: str) -> str:
+    return _UNSAFE.sub("_", origin) or "_"
+
+
+def segment_name(origin: str, first_seq: int) -> str:
+    return f"{origin_safe(origin)}-{first_seq:012d}.jsonl"
+
+
+def checkpoints_name(origin: str) -> str:
+    return f"{CHECKPOINTS_PREFIX}{origin_safe(origin)}.jsonl"
+
+
+def parse_segment_name(name: str) -> tuple[str, int] | None:
+    m = SEGMENT_RE.match(name)
+    if not m or name.startswith(CHECKPOINTS_PREFIX):
+        return None
+    return m.group("origin"), int(m.group("seq"))
+
+
+def utc_ts(when: datetime | None = None) -> str:
+    when = when or datetime.now(UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    """RFC 3339 -> aware datetime (raises ValueError)."""
+    t = text.strip()
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def b64_strict(text: Any) -> bytes | None:
+    """Decode standard base64 only if ``text`` is its one canonical encoding."""
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if base64.b64encode(raw).decode("ascii") == text else None
+
+
+def sign_record(record: dict, key: SigningKey, *, plain: bool = False) -> bytes:
+    """Add ``sig`` to ``record`` (in place) and return its canonical line (no newline).
+
+    plain=True: the record is known to hold only plain canonical types (skip the checks).
+    """
+    enc = dumps_plain if plain else canonical
+    record.pop("sig", None)
+    record["sig"] = base64.b64encode(key.sign(enc(record))).decode("ascii")
+    return enc(record)
+
+
+def signed_body(record: dict) -> bytes:
+    return canonical({k: v for k, v in record.items() if k != "sig"})
+
+
+@lru_cache(maxsize=65536)
+def _verify_cached(pub: bytes, message: bytes, sig: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(pub).verify(sig, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_signature(record: dict, public: Ed25519PublicKey) -> bool:
+    sig = b64_strict(record.get("sig"))
+    if sig is None or len(sig) != 64:
+        return False
+    try:
+        body = signed_body(record)
+    except ValueError:
+        return False
+    return _verify_cached(public_raw(public), body, sig)
