@@ -329,6 +329,7 @@ class ResidencyGate:
                           "refused and nothing was forwarded.") from e
         if self.gate.metrics:
             self.gate.metrics.audit_write_seconds.observe(time.perf_counter() - t0)
+            self.gate.metrics.audit_records.inc()
         return record
 
     async def _refuse_without_decision(self, flow: http.HTTPFlow, state: FlowState,
@@ -407,5 +408,7 @@ class ResidencyGate:
     async def _write_outcome(self, fields: dict[str, Any]) -> None:
         try:
             await self.gate.audit.append("outcome", fields)
+            if self.gate.metrics:
+                self.gate.metrics.audit_records.inc()
         except Exception as e:
             log.critical("cannot write outcome record: %s", e)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -60,7 +61,27 @@ def mitmproxy_options(policy: Policy) -> dict:
     return opts
 
 
-def open_audit(policy: Policy) -> AuditWriter:
+class NullAudit:
+    """Benchmark-only sink (RESIDENCY_GATE_BENCH_NO_AUDIT=1): measures the cost of auditing."""
+
+    healthy = True
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    async def append(self, kind: str, fields: dict) -> dict:
+        self._seq += 1
+        return {"id": f"bench:{self._seq}"}
+
+    async def close(self) -> None:
+        pass
+
+
+def open_audit(policy: Policy) -> AuditWriter | NullAudit:
+    if os.environ.get("RESIDENCY_GATE_BENCH_NO_AUDIT") == "1":
+        log.critical("RESIDENCY_GATE_BENCH_NO_AUDIT=1: NO AUDIT RECORDS ARE WRITTEN "
+                     "(benchmarking only; never run a real proxy like this)")
+        return NullAudit()
     audit = policy.config.audit
     key = load_or_create_signing_key(policy.config.certs_dir)
     writer = AuditWriter(
@@ -100,8 +121,23 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
 
     reloader = Reloader(gate, config_arg, METRICS)
     loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        log.info("stopping: finishing open flows and flushing the audit log")
+        master.shutdown()
+
+    def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # Shutting down cancels mitmproxy's per-connection tasks: expected, not an error.
+        if stopping and isinstance(context.get("exception"), asyncio.CancelledError):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_loop_error)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
     reloader.start()
 
