@@ -1,0 +1,114 @@
+"""Reroute planning, table-driven: where a violating request may go instead, and why not."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import decide_url, policy_from
+
+VERTEX_GLOBAL = ("https://aiplatform.googleapis.com/v1/projects/p/locations/global/publishers/"
+                 "google/models/{model}:generateContent")
+CONFIG = {
+    "residency": {"on_violation": "reroute"},
+    "azure": {"resources": {
+        "res-global": {"region": "swedencentral", "deployments": {"gpt4o": "GlobalStandard"}},
+        "res-eu": {"region": "swedencentral", "deployments": {"gpt4o": "DataZoneStandard",
+                                                              "other": "DataZoneStandard"},
+                   "api_key_env": "RES_EU_KEY"},
+        "res-nokey": {"region": "germanywestcentral", "deployments": {"gpt4o": "Standard"}},
+    }},
+    "private_endpoints": [
+        {"name": "onprem", "url": "http://10.1.2.3:8000/v1", "region": "private",
+         "models": {"gpt-4o": "llama-3.3-70b", "*": "qwen-2.5"}, "api_key_env": "ONPREM"},
+        {"name": "frankfurt", "url": "https://llm.de.internal/v1", "region": "de",
+         "models": {"gpt-4o": "*"}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return policy_from(tmp_path_factory.mktemp("rr"), CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "tags", "verdict", "routed_url", "fields"),
+    [
+        # OpenAI: host swap to the regional host whose processing complies.
+        ("https://api.openai.com/v1/chat/completions", {"model": "gpt-4o"}, ["eea_ch"],
+         "reroute", "https://eu.api.openai.com/v1/chat/completions", {}),
+        ("https://api.openai.com/v1/chat/completions", {"model": "gpt-4o"}, ["us"],
+         "reroute", "https://us.api.openai.com/v1/chat/completions", {}),
+        # Strict `eu`: OpenAI's EU region includes Switzerland; a private endpoint in de complies.
+        ("https://api.openai.com/v1/chat/completions", {"model": "gpt-4o"}, ["eu"],
+         "reroute", "https://llm.de.internal/v1/chat/completions", {}),
+        # Vertex: location in host and path, broadest compliant first.
+        (VERTEX_GLOBAL.format(model="gemini-2.5-flash"), None, ["eu"], "reroute",
+         "https://aiplatform.eu.rep.googleapis.com/v1/projects/p/locations/eu/publishers/google/"
+         "models/gemini-2.5-flash:generateContent", {}),
+        (VERTEX_GLOBAL.format(model="gemini-2.5-flash"), None, ["nl"], "reroute",
+         "https://europe-west4-aiplatform.googleapis.com/v1/projects/p/locations/europe-west4/"
+         "publishers/google/models/gemini-2.5-flash:generateContent", {}),
+        (VERTEX_GLOBAL.format(model="gemini-3-ultra"), None, ["eu"], "block", None, {}),
+        # Mistral: host swap.
+        ("https://api.mistral.ai/v1/chat/completions", {"model": "mistral-large-latest"},
+         ["eea_ch"], "reroute", "https://api.eu.mistral.ai/v1/chat/completions", {}),
+        # Anthropic: body field, only for models that accept it.
+        ("https://api.anthropic.com/v1/messages", {"model": "claude-opus-4-6"}, ["us"],
+         "reroute", "https://api.anthropic.com/v1/messages", {"inference_geo": "us"}),
+        ("https://api.anthropic.com/v1/messages", {"model": "claude-3-5-haiku"}, ["us"],
+         "block", None, {}),
+        # Azure: same deployment name on a compliant resource that has a key configured.
+        ("https://res-global.openai.azure.com/openai/deployments/gpt4o/chat/completions",
+         {"messages": []}, ["eu"], "reroute",
+         "https://res-eu.openai.azure.com/openai/deployments/gpt4o/chat/completions", {}),
+        ("https://res-global.openai.azure.com/openai/deployments/gpt4o/chat/completions",
+         {"messages": []}, ["de"], "block", None, {}),  # res-nokey complies but has no key
+        # Bedrock: never rewritten.
+        ("https://bedrock-runtime.us-east-1.amazonaws.com/model/us.anthropic.claude-x/converse",
+         {"messages": []}, ["eu"], "block", None, {}),
+        # Private only.
+        ("https://api.openai.com/v1/chat/completions", {"model": "gpt-4o"}, ["private"],
+         "reroute", "http://10.1.2.3:8000/v1/chat/completions", {"model": "llama-3.3-70b"}),
+        ("https://api.openai.com/v1/embeddings", {"model": "text-embedding-3-small"},
+         ["private"], "reroute", "http://10.1.2.3:8000/v1/embeddings", {"model": "qwen-2.5"}),
+        ("https://api.anthropic.com/v1/messages", {"model": "claude-opus-4-6"}, ["private"],
+         "block", None, {}),  # not the OpenAI wire format
+    ],
+)
+def test_reroute_plan(policy, url, body, tags, verdict, routed_url, fields):
+    d = decide_url(policy, url, body=body, tags=tags)
+    assert d.verdict == verdict, d.reason
+    if verdict == "reroute":
+        assert d.route.url == routed_url
+        assert dict(d.route.body_fields) == fields
+        assert d.route.location.places <= d.requirement.places  # provably compliant
+    else:
+        assert d.code == "no_compliant_route" and "No reroute:" in d.reason
+
+
+def test_private_route_replaces_credentials(policy):
+    d = decide_url(policy, "https://api.openai.com/v1/chat/completions", body={"model": "gpt-4o"},
+                   tags=["private"])
+    assert d.route.set_headers == {"authorization": "env:ONPREM"}
+    for name in ("authorization", "api-key", "x-api-key", "openai-organization", "cookie"):
+        assert name in d.route.remove_headers
+
+
+def test_signed_requests_are_never_rewritten(policy):
+    from dataclasses import replace
+
+    from helpers import request
+
+    from residency_gate.engine import decide
+
+    req = replace(request("https://api.anthropic.com/v1/messages",
+                          body={"model": "claude-opus-4-6"}, tags=["us"]), signed=True)
+    d = decide(policy, req)
+    assert d.verdict == "block" and "SigV4" in d.reason
+
+
+def test_block_mode_never_reroutes(tmp_path):
+    p = policy_from(tmp_path, {"private_endpoints": CONFIG["private_endpoints"]})
+    d = decide_url(p, "https://api.openai.com/v1/chat/completions", body={"model": "gpt-4o"},
+                   tags=["private"])
+    assert (d.verdict, d.code) == ("block", "outside_requirement")
