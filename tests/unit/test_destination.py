@@ -7,9 +7,9 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from helpers import policy_from
 from mitmproxy.test import tflow
 
+from helpers import policy_from
 from residency_gate.addon import Gate, Refused, ResidencyGate
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers import decide_url, policy_from
 
 VERTEX_GLOBAL = ("https://aiplatform.googleapis.com/v1/projects/p/locations/global/publishers/"
@@ -98,7 +99,6 @@ def test_signed_requests_are_never_rewritten(policy):
     from dataclasses import replace
 
     from helpers import request
-
     from residency_gate.engine import decide
 
     req = replace(request("https://api.anthropic.com/v1/messages",
