@@ -224,18 +224,19 @@ class ResidencyGate:
         if self.gate.metrics:
             self.gate.metrics.decision_seconds.observe(time.perf_counter() - t0)
         state.decision = decision
-        state.verdict = decision.verdict
+        if decision.verdict != BLOCK:
+            self._strip_tag(flow, policy.config.header)
+        if decision.verdict == REROUTE:
+            apply_route(flow, decision.route)  # may refuse (no key): then no reroute record
+            state.routed_to = decision.route.host
+        # Nothing leaves, and no answer is given, before the record is durable.
         record = await self._audit("decision", self._record(flow, req, decision, body))
         state.audit_id = record.get("id")
+        state.verdict = decision.verdict
         self._count(decision)
         if decision.verdict == BLOCK:
             flow.response = refusal(decision.api, decision.status, decision.code,
                                     decision.reason, state.audit_id)
-            return
-        self._strip_tag(flow, policy.config.header)
-        if decision.verdict == REROUTE:
-            apply_route(flow, decision.route)
-            state.routed_to = decision.route.host
 
     async def _destination(self, flow: http.HTTPFlow, policy: Policy) -> str | None:
         """The LLM host this request really goes to, or None for non-LLM traffic.

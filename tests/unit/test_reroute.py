@@ -112,3 +112,29 @@ def test_block_mode_never_reroutes(tmp_path):
     d = decide_url(p, "https://api.openai.com/v1/chat/completions", body={"model": "gpt-4o"},
                    tags=["private"])
     assert (d.verdict, d.code) == ("block", "outside_requirement")
+
+
+def test_apply_route_takes_keys_from_the_environment_only(policy, monkeypatch):
+    from mitmproxy.test import tflow
+
+    from residency_gate.addon import Refused, apply_route
+
+    d = decide_url(policy, "https://api.openai.com/v1/chat/completions",
+                   body={"model": "gpt-4o"}, tags=["private"])
+    f = tflow.tflow()
+    f.request.host, f.request.path = "api.openai.com", "/v1/chat/completions"
+    f.request.headers["authorization"] = "Bearer sk-client"
+    f.request.headers["openai-organization"] = "org-client"
+    f.request.content = b'{"model":"gpt-4o","messages":[]}'
+    monkeypatch.delenv("ONPREM", raising=False)
+    with pytest.raises(Refused) as ei:
+        apply_route(f, d.route)
+    assert ei.value.status == 503 and "ONPREM" in ei.value.message
+    monkeypatch.setenv("ONPREM", "k-onprem")
+    apply_route(f, d.route)
+    assert (f.request.scheme, f.request.host, f.request.port, f.request.path) == (
+        "http", "10.1.2.3", 8000, "/v1/chat/completions")
+    assert f.request.headers["authorization"] == "Bearer k-onprem"
+    assert "openai-organization" not in f.request.headers
+    assert f.request.headers["host"] == "10.1.2.3:8000"
+    assert b'"model":"llama-3.3-70b"' in f.request.content
