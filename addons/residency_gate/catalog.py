@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from .regions import GLOBAL, AzureRegion, Places, RegionTree, build_region_tree
+from .regions import AzureRegion, Places, RegionTree, build_region_tree
 from .schemas import schema_problems
 from .sourcefile import InvalidSource, Problem, SourceDoc, load_yaml
 
@@ -119,9 +119,6 @@ class Extractor:
         regex = compile_path_pattern(value)
         return cls("path", next(iter(regex.groupindex)), regex)
 
-    @property
-    def needs_body(self) -> bool:
-        return self.kind == "body"
 
     def find(self, req: RequestView) -> str | None:
         if self.kind == "path":
@@ -199,9 +196,6 @@ class Locator:
     azure_regions: Mapping[str, AzureRegion] = field(default_factory=dict)
     everywhere: Places = frozenset()
 
-    @property
-    def needs_body(self) -> bool:
-        return self.kind in ("body", "azure") or self.kind == "model_prefix"
 
     def _region(self, value: str, what: str) -> Location:
         value = value.lower()
@@ -350,9 +344,6 @@ class Endpoint:
     def key(self) -> str:
         return f"{self.provider.id}/{self.id}"
 
-    @property
-    def needs_body(self) -> bool:
-        return any(e.needs_body for e in self.model) or self.locator.needs_body
 
 
 @dataclass(frozen=True)
@@ -669,18 +660,4 @@ def load_catalog(extra: Iterable[Path] = ()) -> Catalog:
     )
 
 
-def expand_names(regions: RegionTree, names: Iterable[str]) -> Places:
-    return regions.expand_all(list(names)) if names else frozenset()
 
-
-__all__ = [
-    "GLOBAL",
-    "AzureResource",
-    "BodyError",
-    "Catalog",
-    "Endpoint",
-    "Location",
-    "RequestView",
-    "load_catalog",
-    "normalise_host",
-]

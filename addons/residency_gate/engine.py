@@ -12,7 +12,6 @@ from typing import Any
 
 from .catalog import BodyError, Endpoint, Location, RequestView, first_match, normalise_host
 from .policy import Option, Policy, Requirement, UnknownTag
-from .regions import Places
 from .reroute import Route, plan_reroute
 
 
@@ -55,10 +54,6 @@ class Decision:
     options: tuple[Option, ...] = ()
     note: str = ""
     route: Route | None = None
-
-    @property
-    def places(self) -> Places | None:
-        return self.location.places if self.location else None
 
     def summary(self, policy: Policy) -> dict[str, Any]:
         """Plain data for audit records and `explain --json`."""
