@@ -53,7 +53,6 @@ class FlowState:
     audit_id: str | None = None
     verdict: str = ALLOW
     routed_to: str | None = None
-    too_large: bool = False
 
 
 class Refused(Exception):
@@ -91,6 +90,46 @@ def _hostname(authority: str | None) -> str:
         return authority[1:].split("]", 1)[0].lower()
     return authority.rsplit(":", 1)[0].rstrip(".").lower() if authority.count(":") == 1 \
         else authority.rstrip(".").lower()
+
+
+INLINE_BODY_BYTES = 256 << 10  # larger request bodies are classified in a worker thread
+
+
+@dataclass(frozen=True)
+class Classified:
+    req: RequestInfo
+    decision: Decision
+    digest: tuple[str, int]  # sha256 hex and length of the decoded body
+    seconds: float
+
+
+def classify(flow: http.HTTPFlow, policy: Policy, destination: str) -> Classified:
+    """Decode the body, decide, digest the body. Pure CPU: safe in a worker thread
+    (the flow is paused while its `request` hook awaits us)."""
+    t0 = time.perf_counter()
+    body_error = None
+    try:
+        body = flow.request.get_content(strict=True)
+    except ValueError as e:
+        body = flow.request.raw_content
+        body_error = (f"body cannot be decoded (Content-Encoding: "
+                      f"{flow.request.headers.get('content-encoding')}: {e})")
+    req = RequestInfo(
+        method=flow.request.method,
+        scheme=flow.request.scheme,
+        host=destination,
+        port=flow.request.port,
+        path=flow.request.path,
+        tag_values=tuple(flow.request.headers.get_all(policy.config.header)),
+        body=body,
+        body_error=body_error,
+        client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+        user=(flow.metadata.get("proxyauth") or (None,))[0],
+        signed=is_signed(flow.request),
+    )
+    decision = decide(policy, req)
+    digest = (hashlib.sha256(body or b"").hexdigest(), len(body or b""))
+    return Classified(req, decision, digest, time.perf_counter() - t0)
 
 
 def apply_route(flow: http.HTTPFlow, route: Route) -> None:
@@ -162,18 +201,36 @@ class ResidencyGate:
 
     # ------------------------------------------------------------------ requests
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse declared-oversized LLM bodies now: a streamed body would be forwarded
+        before the `request` hook runs, so it must never be streamed to an LLM host."""
         state = FlowState(started=time.monotonic())
         flow.metadata[META] = state
         try:
             limit = self.gate.policy.config.request_body_bytes
             length = int(flow.request.headers.get("content-length", "0") or 0)
-        except (ValueError, AttributeError):
-            length, limit = 0, 0
-        if limit and length > limit:
-            # Do not buffer it; `request` refuses it before a byte is forwarded.
-            state.too_large = True
-            flow.request.stream = True
+            if length <= limit:
+                return
+            if await self._destination(flow, self.gate.policy) is None:
+                flow.request.stream = True  # not an LLM API: pass it through unbuffered
+                return
+            raise self._too_large(limit)
+        except Refused as r:
+            await self._refuse_without_decision(flow, state, r)
+        except ValueError:
+            r = Refused(400, "bad_request", "Invalid Content-Length header; refused.")
+            await self._refuse_without_decision(flow, state, r)
+        except Exception as e:  # fail closed
+            log.exception("internal error in requestheaders")
+            r = Refused(500, "internal_error", f"residency-gate could not check this request "
+                        f"({type(e).__name__}) and refused it; nothing was forwarded.")
+            await self._refuse_without_decision(flow, state, r)
+
+    @staticmethod
+    def _too_large(limit: int) -> Refused:
+        return Refused(413, "body_too_large",
+                       f"Request body larger than {limit} bytes (limits.request_body_bytes); "
+                       "residency-gate cannot classify it and refused it. Nothing was forwarded.")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -197,32 +254,17 @@ class ResidencyGate:
         destination = await self._destination(flow, policy)
         if destination is None:
             return  # not an LLM API: untouched
-        if state.too_large:
-            raise Refused(413, "body_too_large",
-                          f"Request body larger than {policy.config.request_body_bytes} bytes; "
-                          "residency-gate cannot classify it and refused it.")
-        try:
-            body = flow.request.get_content(strict=True)
-        except ValueError as e:
-            body = b"\x00invalid"  # makes the engine's JSON parse fail: refused if required
-            log.info("cannot decode request body (%s): %s", flow.request.headers.get(
-                "content-encoding"), e)
-        req = RequestInfo(
-            method=flow.request.method,
-            scheme=flow.request.scheme,
-            host=destination,
-            port=flow.request.port,
-            path=flow.request.path,
-            tag_values=tuple(flow.request.headers.get_all(policy.config.header)),
-            body=body,
-            client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
-            user=(flow.metadata.get("proxyauth") or (None,))[0],
-            signed=is_signed(flow.request),
-        )
-        t0 = time.perf_counter()
-        decision = decide(policy, req)
+        raw = flow.request.raw_content or b""
+        if len(raw) > policy.config.request_body_bytes:  # chunked: no Content-Length up front
+            raise self._too_large(policy.config.request_body_bytes)
+        if len(raw) <= INLINE_BODY_BYTES:
+            c = classify(flow, policy, destination)
+        else:  # decompressing, parsing and hashing megabytes: not on the event loop
+            c = await asyncio.get_running_loop().run_in_executor(
+                None, classify, flow, policy, destination)
+        decision = c.decision
         if self.gate.metrics:
-            self.gate.metrics.decision_seconds.observe(time.perf_counter() - t0)
+            self.gate.metrics.decision_seconds.observe(c.seconds)
         state.decision = decision
         if decision.verdict != BLOCK:
             self._strip_tag(flow, policy.config.header)
@@ -230,7 +272,7 @@ class ResidencyGate:
             apply_route(flow, decision.route)  # may refuse (no key): then no reroute record
             state.routed_to = decision.route.host
         # Nothing leaves, and no answer is given, before the record is durable.
-        record = await self._audit("decision", self._record(flow, req, decision, body))
+        record = await self._audit("decision", self._record(flow, c.req, decision, c.digest))
         state.audit_id = record.get("id")
         state.verdict = decision.verdict
         self._count(decision)
@@ -299,14 +341,14 @@ class ResidencyGate:
     # ------------------------------------------------------------------ audit
 
     def _record(self, flow: http.HTTPFlow, req: RequestInfo | None, decision: Decision | None,
-                body: bytes | None) -> dict[str, Any]:
+                digest: tuple[str, int] | None) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "client": req.client_ip if req else (
                 flow.client_conn.peername[0] if flow.client_conn.peername else None),
             "user": req.user if req else None,
             "method": flow.request.method,
-            "body_sha256": hashlib.sha256(body).hexdigest() if body is not None else None,
-            "body_bytes": len(body) if body is not None else None,
+            "body_sha256": digest[0] if digest else None,
+            "body_bytes": digest[1] if digest else None,
         }
         if decision is not None:
             fields.update(decision.summary(self.gate.policy))

@@ -46,9 +46,12 @@ class RequestView:
     body: bytes | None
     captures: dict[str, str] = field(default_factory=dict)
     azure: Mapping[str, AzureResource] = field(default_factory=dict)
+    body_error: str | None = None
     _json: Any = _MISSING
 
     def json(self) -> Any:
+        if self.body_error:
+            raise BodyError(self.body_error)
         if self._json is _MISSING:
             if not self.body or not self.body.strip():
                 self._json = None

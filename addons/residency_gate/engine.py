@@ -29,6 +29,7 @@ class RequestInfo:
     client_ip: str | None = None
     user: str | None = None
     signed: bool = False  # SigV4: host, path and body must not be rewritten
+    body_error: str | None = None  # the body could not be decoded (Content-Encoding)
 
 
 ALLOW, BLOCK, REROUTE = "allow", "block", "reroute"
@@ -118,7 +119,7 @@ def decide(policy: Policy, req: RequestInfo) -> Decision:
 
     path, _, query = req.path.partition("?")
     view = RequestView(host=host, path=path, query=query, body=req.body, captures=captures,
-                       azure=policy.azure)
+                       azure=policy.azure, body_error=req.body_error)
     try:
         model = first_match(endpoint.model, view)
         location = endpoint.locator.locate(view, model)
