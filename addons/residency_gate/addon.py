@@ -5,6 +5,7 @@ A request's path, in hook order:
   requestheaders   -> note the start; stream (and later refuse) bodies over the size limit
   request          -> destination checks (fronting), decision, audit record, then act:
                       forward (tag header stripped), refuse in the provider's error shape, or reroute
+  tcp_start        -> raw (non-HTTP) streams to an LLM host are killed, never relayed
   server_connect   -> connect where `resolve` says, SNI and certificate still on the host name
   responseheaders  -> stream the response, mark it with X-Residency-Decision
   response / error -> outcome record
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mitmproxy import connection, http, tls
+from mitmproxy import connection, http, tcp, tls
 from mitmproxy.proxy import server_hooks
 
 from .engine import ALLOW, BLOCK, REROUTE, Decision, RequestInfo, decide
@@ -186,6 +187,20 @@ class ResidencyGate:
         data.ignore_connection = not intercept
         if self.gate and self.gate.metrics:
             self.gate.metrics.flows.labels(kind="intercepted" if intercept else "tunnelled").inc()
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """Non-HTTP bytes inside an intercepted LLM tunnel would be relayed undecided: kill."""
+        try:
+            catalog = self.gate.policy.catalog
+            names = [flow.server_conn.address[0] if flow.server_conn.address else "",
+                     flow.client_conn.sni or ""]
+            if not any(n and catalog.match(n) for n in names):
+                return
+        except Exception:
+            log.exception("cannot classify a raw TCP flow; killing it (fail closed)")
+        log.warning("refused a non-HTTP stream to %s (only HTTP is decided on)",
+                    flow.server_conn.address)
+        flow.kill()
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """`resolve`: connect elsewhere, keep SNI and certificate checks on the name."""

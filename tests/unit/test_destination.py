@@ -98,3 +98,16 @@ def test_tag_header_kept_only_when_signed(gate):
         ";x-data-residency", "")
     ResidencyGate._strip_tag(f, "X-Data-Residency")
     assert "X-Data-Residency" not in f.request.headers
+
+
+@pytest.mark.parametrize(("server", "sni", "killed"), [
+    ("api.openai.com", "api.openai.com", True),
+    ("example.org", "api.anthropic.com", True),
+    ("example.org", "example.org", False),
+])
+def test_raw_tcp_to_llm_host_is_killed(gate, server, sni, killed):
+    f = tflow.ttcpflow()
+    f.server_conn.address = (server, 443)
+    f.client_conn.sni = sni
+    gate.tcp_start(f)
+    assert (f.error is not None and "killed" in f.error.msg.lower()) is killed
