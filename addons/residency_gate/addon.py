@@ -163,6 +163,7 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
+        self._resolved: dict[str, tuple] = {}  # server connection id -> name it was opened for
 
     # ------------------------------------------------------------------ connections
 
@@ -212,7 +213,21 @@ class ResidencyGate:
         if target:
             if data.server.sni is None and not _is_ip(host):
                 data.server.sni = host
+            self._resolved[data.server.id] = data.server.address
             data.server.address = target
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Give a resolved connection its name back: mitmproxy reuses upstream connections
+        by address, and caps them at 5 per address, so a connection left under the IP is
+        never reused and a keep-alive client stalls on its 6th request."""
+        original = self._resolved.pop(data.server.id, None)
+        if original is not None:
+            # mitmproxy refuses address changes on open connections (to keep reuse honest);
+            # the name this connection was opened for is the honest key, so set it directly.
+            object.__setattr__(data.server, "address", original)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._resolved.pop(data.server.id, None)
 
     # ------------------------------------------------------------------ requests
 
@@ -252,8 +267,8 @@ class ResidencyGate:
             return  # answered by another addon (proxyauth's 407) or gone
         state = flow.metadata.setdefault(META, FlowState(started=time.monotonic()))
         try:
-            await asyncio.wait_for(self._decide_and_act(flow, state),
-                                   self.gate.policy.config.decision_timeout)
+            async with asyncio.timeout(self.gate.policy.config.decision_timeout):
+                await self._decide_and_act(flow, state)
         except Refused as r:
             await self._refuse_without_decision(flow, state, r)
         except Exception as e:  # fail closed: anything unexpected refuses the request

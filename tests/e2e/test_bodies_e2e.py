@@ -51,3 +51,16 @@ def test_body_over_limit_refused_413(gate: Proxy, fake: FakeProvider, openai_cli
     r = refusal(ei.value)
     assert r.status == 413 and "larger than" in r.message
     assert_nothing_received(fake)
+
+
+def test_many_requests_on_one_keepalive_connection(gate: Proxy, fake: FakeProvider,
+                                                   openai_client: Any) -> None:
+    """`resolve` must not defeat upstream connection reuse (mitmproxy caps 5 per address)."""
+    client = openai_client(gate, base_url="https://us.api.openai.com/v1", timeout=10.0)
+    for i in range(12):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": f"n{i}"}])
+        assert _lower(raw.headers)["x-residency-decision"] == "allow"
+    got = fake.requests
+    assert len(got) == 12
+    assert len({r.client for r in got}) < 12, "every request opened a new upstream connection"
