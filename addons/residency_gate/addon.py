@@ -377,6 +377,7 @@ class ResidencyGate:
                 flow.client_conn.peername[0] if flow.client_conn.peername else None),
             "user": req.user if req else None,
             "method": flow.request.method,
+            "tags": list(req.tag_values) if req else [],
             "body_sha256": digest[0] if digest else None,
             "body_bytes": digest[1] if digest else None,
         }
