@@ -37,6 +37,8 @@ class RegionTree:
     clouds: dict[str, dict[str, Places]] = field(default_factory=dict)
     azure: dict[str, AzureRegion] = field(default_factory=dict)
     multi_regions: set[str] = field(default_factory=set)  # "gcp:eu": not one place's region
+    _descriptions: dict[Places, str] = field(default_factory=dict, repr=False)
+    _by_size: list[str] = field(default_factory=list, repr=False)
 
     @property
     def everywhere(self) -> Places:
@@ -56,19 +58,32 @@ class RegionTree:
         return name.strip().lower() in self.names
 
     def describe(self, places: Places | None) -> str:
-        """Shortest honest name for a set of places: `eu`, `eu + ch`, `anywhere`."""
+        """Shortest honest name for a set of places: `eu`, `eu + ch`, `anywhere`.
+
+        Memoised: decisions describe the same few sets over and over."""
         if places is None:
             return "unknown"
+        found = self._descriptions.get(places)
+        if found is None:
+            found = self._describe(places)
+            if len(self._descriptions) < 10_000:
+                self._descriptions[places] = found
+        return found
+
+    def _describe(self, places: Places) -> str:
         if not places:
             return "nowhere"
         if places >= self.everywhere - {PRIVATE}:
             return "anywhere"
+        if not self._by_size:  # largest groups first, so `eea` wins over `eu` + is + li + no
+            self._by_size = sorted((g for g in self.group_names
+                                    if g != GLOBAL and len(self.names[g]) > 1),
+                                   key=lambda g: -len(self.names[g]))
         rest = set(places)
         parts: list[str] = []
-        # Largest groups first, so `eea` wins over `eu` + is + li + no.
-        for group in sorted(self.group_names, key=lambda g: -len(self.names[g])):
+        for group in self._by_size:
             members = self.names[group]
-            if group != GLOBAL and len(members) > 1 and members <= rest:
+            if members <= rest:
                 parts.append(group)
                 rest -= members
         parts.extend(sorted(rest))
