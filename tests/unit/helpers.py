@@ -7,6 +7,7 @@ from functools import cache
 from pathlib import Path
 
 import yaml
+
 from residency_gate.catalog import load_catalog
 from residency_gate.config import load_config
 from residency_gate.engine import RequestInfo, decide

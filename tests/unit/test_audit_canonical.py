@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from residency_gate.audit.canonical import CanonicalError, canonical, parse
 
 

@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+
 from residency_gate.audit.cli import main, parse_time
 from residency_gate.audit.keys import load_or_create_signing_key
 from residency_gate.audit.writer import AuditWriter

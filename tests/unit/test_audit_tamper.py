@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+
 from residency_gate.audit.canonical import canonical, parse
 from residency_gate.audit.keys import SigningKey, load_or_create_signing_key
 from residency_gate.audit.records import line_hash, segment_name, sign_record

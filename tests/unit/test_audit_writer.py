@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+
 from residency_gate.audit import keys as keys_mod
 from residency_gate.audit.canonical import parse
 from residency_gate.audit.keys import (

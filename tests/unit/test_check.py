@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from residency_gate.catalog import SHIPPED_CATALOG
 
 CLI = [sys.executable, "-m", "residency_gate.cli"]

@@ -7,6 +7,7 @@ import re
 import threading
 
 import pytest
+
 from residency_gate.metrics import (
     CONTENT_TYPE,
     DECISION_BUCKETS,

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from residency_gate.pac import pac_file, pattern_regex, proxy_directive
 
 NODE = shutil.which("node") or shutil.which("nodejs")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import decide_url, policy_from, shipped_catalog
 from residency_gate.catalog import RequestView, first_match
 from residency_gate.engine import ALLOW, BLOCK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers import decide_url, policy_from
 from residency_gate.policy import UnknownTag
 
