@@ -653,9 +653,16 @@ def test_sigkill_under_load_loses_no_answered_decision(
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(16)]
     for t in threads:
         t.start()
-    time.sleep(2.5)
-    with lock:
-        before = len(got)
+    # Kill mid-traffic once enough has been answered (count-driven, not a throughput
+    # test: a loaded CI machine only makes this take longer).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with lock:
+            before = len(got)
+            n_allowed = sum(1 for s in got if s.status == 200)
+        if before >= 300 and n_allowed >= 100:
+            break
+        time.sleep(0.05)
     killed.set()
     proxy.proc.send_signal(signal.SIGKILL)
     proxy.proc.wait(10)
@@ -667,9 +674,9 @@ def test_sigkill_under_load_loses_no_answered_decision(
     with lock:
         answered = list(got)
     n_allowed = sum(1 for s in answered if s.status == 200)
-    assert before >= 300, f"only {before} requests answered: not heavy traffic"
+    assert before >= 300, f"only {before} requests answered in 30 s: not heavy traffic"
     assert n_allowed >= 100, (
-        f"only {n_allowed} allowed requests answered in 2.5 s by 10 threads: forwarding "
+        f"only {n_allowed} allowed requests answered in 30 s: forwarding "
         "stalled (see test_keepalive_client_not_stalled_after_five_requests)")
     assert failures, "no client noticed the kill: it did not happen mid-traffic"
     pre_kill = list(got)
@@ -759,8 +766,13 @@ def test_write_failure_refuses_llm_traffic_and_reports_unready(
         seg = segments(proxy.audit_dir, "e2e-ready")[-1]
         # wait for the last outcome record, then allow no byte more: the next write fails
         # with EFBIG, for root too (chmod would not stop root)
-        deadline = time.monotonic() + 5
-        while ok[-1].audit_id.encode() not in seg.read_bytes().split(b'"kind":"outcome"')[-1]:
+        def outcome_written() -> bool:
+            return any(r.get("kind") == "outcome" and r.get("decision_id") == ok[-1].audit_id
+                       for r in (json.loads(line) for line in seg.read_bytes().splitlines()
+                                 if line.strip()))
+
+        deadline = time.monotonic() + 20
+        while not outcome_written():
             assert time.monotonic() < deadline, "outcome record never written"
             time.sleep(0.02)
         size = seg.stat().st_size
