@@ -98,9 +98,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .server import run
+    from .workers import supervise, worker_index
 
     policy = _policy_or_exit(args.config)
+    try:
+        worker = worker_index()
+    except ValueError as e:
+        print(f"residency-gate run: {e}", file=sys.stderr)
+        return 2
+    n = args.workers if args.workers is not None else policy.config.workers
+    if worker is None and n > 1:
+        return supervise(policy, args.config, n)
     return run(policy, config_arg=args.config)
+
+
+def _workers_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError("between 1 and 256")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(sub.add_parser("run", help="start the proxy in the foreground"))
+    run.add_argument("--workers", type=_workers_arg, metavar="N",
+                     help="N proxy processes sharing the listen port (SO_REUSEPORT), "
+                          "worker i on admin port + i; overrides `workers:` (default 1)")
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check", help="validate config and catalog"))
     check.set_defaults(func=cmd_check)

@@ -91,6 +91,7 @@ class Config:
     decision_timeout: float = 10.0
     log_format: str = "text"
     log_level: str = "info"
+    workers: int = 1
     doc: SourceDoc | None = field(default=None, compare=False, repr=False)
 
 
@@ -189,6 +190,7 @@ def load_config(path: Path | None) -> Config:
         decision_timeout=float(limits.get("decision_timeout_seconds", 10.0)),
         log_format=log.get("format", "text"),
         log_level=log.get("level", "info"),
+        workers=d.get("workers", 1),
         doc=doc,
     )
     if config.upstream_ca is not None and not config.upstream_ca.is_file():

@@ -18,7 +18,8 @@ from .sourcefile import InvalidSource
 log = logging.getLogger("residency_gate.reload")
 
 # Keys a running proxy cannot change: they need a restart.
-RESTART_ONLY = ("listen", "mode", "admin", "certs_dir", "proxy_auth", "upstream_ca", "audit")
+RESTART_ONLY = ("listen", "mode", "admin", "certs_dir", "proxy_auth", "upstream_ca", "audit",
+                "workers")
 
 
 class Reloader:

@@ -17,8 +17,10 @@ import certifi
 from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
+from . import workers
 from .addon import Gate, ResidencyGate
 from .audit.keys import load_or_create_signing_key
+from .audit.process import ProcessAuditWriter
 from .audit.writer import AuditWriter
 from .logs import setup_logging
 from .metrics import METRICS
@@ -77,15 +79,20 @@ class NullAudit:
         pass
 
 
-def open_audit(policy: Policy) -> AuditWriter | NullAudit:
+def open_audit(policy: Policy, origin: str | None = None
+               ) -> ProcessAuditWriter | AuditWriter | NullAudit:
+    """The audit writer, open. By default in its own process (signing, hashing and fsync
+    off the proxy's core); RESIDENCY_GATE_AUDIT_THREAD=1 keeps it on a thread in-process."""
     if os.environ.get("RESIDENCY_GATE_BENCH_NO_AUDIT") == "1":
         log.critical("RESIDENCY_GATE_BENCH_NO_AUDIT=1: NO AUDIT RECORDS ARE WRITTEN "
                      "(benchmarking only; never run a real proxy like this)")
         return NullAudit()
     audit = policy.config.audit
     key = load_or_create_signing_key(policy.config.certs_dir)
-    writer = AuditWriter(
-        audit.dir, key, audit.origin, fsync=audit.fsync,
+    cls = AuditWriter if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1" \
+        else ProcessAuditWriter
+    writer = cls(
+        audit.dir, key, origin or audit.origin, fsync=audit.fsync,
         rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
         checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
         anchor_file=audit.anchor,
@@ -98,26 +105,43 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
     config = policy.config
     config.certs_dir.mkdir(parents=True, exist_ok=True)
     ca_existed = (config.certs_dir / CA_CERT).exists()
-    writer = open_audit(policy)
+    # `run --workers N`: this is worker i of N (see workers.py); None when single-process.
+    worker = workers.worker_index()
+    origin = config.audit.origin
+    admin_addr = config.admin
+    reuse_port = None
+    if worker is not None:
+        workers.setup_child(worker)
+        reuse_port = workers.install_reuse_port()
+        origin = workers.worker_origin(origin, worker)
+        if admin_addr is not None:
+            admin_addr = workers.worker_admin(admin_addr, worker)
+    writer = open_audit(policy, origin)
     gate = Gate(policy=policy, audit=writer, metrics=METRICS)
     METRICS.set_catalog_version(policy.catalog.version)
     METRICS.open_connections.set(0)
 
-    master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
-    master.addons.add(ResidencyGate(gate))
-    master.options.update(**mitmproxy_options(policy))
-
+    # The admin listener starts before mitmproxy's master exists: if its port is taken,
+    # we fail before mitmproxy installs its log handler (bound to this event loop).
     admin = None
-    if config.admin is not None:
+    if admin_addr is not None:
         from .admin import AdminServer
 
         def ready() -> dict[str, bool | str]:
             return {"catalog": gate.policy is not None, "audit": gate.audit.healthy}
 
-        admin = AdminServer(config.admin[0], config.admin[1], METRICS.registry, ready)
-        await admin.start()
+        admin = AdminServer(admin_addr[0], admin_addr[1], METRICS.registry, ready)
+        try:
+            await admin.start()
+        except OSError:
+            await writer.close()
+            raise
         log.info("admin listener on http://%s:%d (/healthz /readyz /metrics)",
-                 config.admin[0], admin.port)
+                 admin_addr[0], admin.port)
+
+    master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
+    master.addons.add(ResidencyGate(gate))
+    master.options.update(**mitmproxy_options(policy))
 
     reloader = Reloader(gate, config_arg, METRICS)
     loop = asyncio.get_running_loop()
@@ -159,7 +183,13 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
     if not run.done():
         log.info("residency-gate listening on %s:%d (mode %s), catalog %s, audit origin %s",
                  config.listen[0], config.listen[1], config.mode, policy.catalog.version,
-                 config.audit.origin)
+                 origin)
+        if reuse_port is not None:
+            if workers.listeners_reuse_port(master):
+                workers.notify_ready()
+            else:  # never serve a share of the port silently alone
+                log.critical("worker listener is not using SO_REUSEPORT; stopping")
+                master.shutdown()
     try:
         await run
     finally:

@@ -743,6 +743,14 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
     return r.status_code, r.json()
 
 
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out.extend(int(c) for c in text)
+    return out
+
+
 def test_write_failure_refuses_llm_traffic_and_reports_unready(
     start_proxy: Callable[..., Proxy], fake: FakeProvider
 ) -> None:
@@ -778,7 +786,9 @@ def test_write_failure_refuses_llm_traffic_and_reports_unready(
         size = seg.stat().st_size
         assert proxy.stderr_path.stat().st_size < size - 1024, "stderr would hit the limit first"
         fake.reset()
-        resource.prlimit(proxy.pid, resource.RLIMIT_FSIZE, (size, size))
+        # The proxy and its audit writer process (which does the writing) alike.
+        for pid in [proxy.pid, *child_pids(proxy.pid)]:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, size))
         refused = send(c, None)
         assert refused.status == 503, refused.status
         assert refused.decision != "allow"

@@ -127,6 +127,7 @@ class AuditWriter:
         self.anchor_file = Path(anchor_file) if anchor_file else None
         self.checkpoints_file = self.directory / checkpoints_name(origin)
         self.stats = AuditStats()
+        self.pid = os.getpid()  # the `start` record's pid: the proxy's, also for a child writer
 
         self._executor: ThreadPoolExecutor | None = None
         self._state = "new"  # new -> open -> closed
@@ -185,7 +186,7 @@ class AuditWriter:
             if self.anchor_file:
                 self.anchor_file.parent.mkdir(parents=True, exist_ok=True)
                 self._check_ext_file(self.anchor_file)
-            self._emit("start", {"pid": os.getpid(), "host": socket.gethostname(),
+            self._emit("start", {"pid": self.pid, "host": socket.gethostname(),
                                  "fsync": self.fsync_mode})
             self._sync()
         except AuditError:

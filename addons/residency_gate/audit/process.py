@@ -1,0 +1,584 @@
+"""The audit writer in its own process: AuditWriter's API, none of its CPU in the proxy.
+
+Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80 µs), and the
+proxy writes two per request. In-process, that work runs on a thread that shares the
+GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
+process (``python -m residency_gate.audit.worker``, see there for the protocol) runs the
+unchanged :class:`AuditWriter` code; the proxy only marshals the fields, writes all the
+appends of one event-loop iteration to a socketpair in one ``send``, and resolves each
+append when the child reports its group commit durable (fsynced).
+
+Same guarantees as :class:`AuditWriter`: ``append`` returns only once the record is on
+disk; the first write/fsync failure, the child dying, or no acknowledgement within
+``ack_timeout`` fails the writer for good (CRITICAL log, every pending and later append
+raises AuditError); ``close`` flushes, writes the final checkpoint and waits for the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import marshal
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from .canonical import CanonicalError, canonical
+from .keys import SigningKey
+from .records import RESERVED, VERSION
+from .worker import HEADER, frame, split_frames
+from .writer import AuditError, AuditRecordError, AuditStats
+
+log = logging.getLogger("residency_gate.audit")
+
+# Records nobody waits on before acting (the proxy writes outcomes fire-and-forget) go out
+# with the next other record, or after DEFER_SECONDS: one send() and one wake-up of the
+# writer process per request instead of two.
+DEFERRED_KINDS = frozenset({"outcome"})
+DEFER_SECONDS = 0.002
+
+_PKG_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding residency_gate/
+
+
+def _raw(key: SigningKey) -> bytes:
+    return key.private.private_bytes(serialization.Encoding.Raw,
+                                     serialization.PrivateFormat.Raw,
+                                     serialization.NoEncryption())
+
+
+class ProcessAuditWriter:
+    """Drop-in for :class:`AuditWriter` (open/append/rotate_key/close/close_sync/healthy/stats)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        key: SigningKey,
+        origin: str,
+        *,
+        fsync: str = "group",
+        rotate_bytes: int = 64 << 20,
+        rotate_seconds: float = 86400,
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 60.0,
+        anchor_file: Path | None = None,
+        ack_timeout: float = 10.0,
+        start_timeout: float = 60.0,
+        test_faults: bool = False,
+    ) -> None:
+        if fsync not in ("group", "always"):
+            raise ValueError(f"fsync must be 'group' or 'always', not {fsync!r}")
+        if not origin:
+            raise ValueError("origin must not be empty")
+        self.directory = Path(directory)
+        self.key = key
+        self.origin = origin
+        self.fsync_mode = fsync
+        self.anchor_file = Path(anchor_file) if anchor_file else None
+        self.ack_timeout = float(ack_timeout)
+        self.start_timeout = float(start_timeout)
+        self._config: dict[str, Any] = {
+            "directory": str(self.directory), "origin": origin, "fsync": fsync,
+            "rotate_bytes": int(rotate_bytes), "rotate_seconds": float(rotate_seconds),
+            "checkpoint_every": int(checkpoint_every),
+            "checkpoint_seconds": float(checkpoint_seconds),
+            "anchor_file": str(self.anchor_file) if self.anchor_file else None,
+            "lock_timeout": float(start_timeout) / 2, "test_faults": bool(test_faults),
+        }
+        self._stats = AuditStats()
+        self._state = "new"  # new -> open -> closing -> closed
+        self._failed: BaseException | None = None
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rbuf = bytearray()
+        self._rmem = memoryview(bytearray(1 << 16))
+        self._out: list[bytes] = []        # frames of this loop iteration, not yet sent
+        self._wbuf = b""                   # sent partially: the rest waits for writability
+        self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._writer_armed = False
+        # per frame that gets an answer, in order: (future, time queued, kind, fields)
+        self._waiting: collections.deque[tuple[asyncio.Future | None, float, str, Any]] = \
+            collections.deque()
+        self._stats_raw: tuple | None = None  # the child's AuditStats, as sent
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed_fut: asyncio.Future | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def healthy(self) -> bool:
+        return self._state == "open" and self._failed is None
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failed
+
+    @property
+    def stats(self) -> AuditStats:
+        """The child's counters as of its latest acknowledgement."""
+        if self._stats_raw is not None:
+            failures = self._stats.write_failures
+            self._stats = AuditStats(*self._stats_raw)
+            self._stats.write_failures = max(failures, self._stats.write_failures)
+            self._stats_raw = None
+        self._stats.pending = len(self._waiting)
+        return self._stats
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process (tests, diagnostics)."""
+        return self._proc.pid if self._proc else None
+
+    def open(self) -> None:
+        """Start the writer process; it recovers the chain and writes its ``start`` record.
+
+        Synchronous, like AuditWriter.open: call before serving. Raises AuditError."""
+        if self._state != "new":
+            raise AuditError(f"audit writer already {self._state}")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "residency_gate.audit.worker", str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
+            )
+        except OSError as exc:
+            parent.close()
+            raise AuditError(f"cannot start the audit writer process: {exc}") from exc
+        finally:
+            child.close()
+        self._sock = parent
+        cfg = dict(self._config, pid=os.getpid(), key=_raw(self.key),
+                   retired=[_raw(k) for k in self.key.retired])
+        try:
+            parent.settimeout(self.start_timeout)
+            parent.sendall(frame(marshal.dumps(cfg)))
+            ready = self._handshake(time.monotonic() + self.start_timeout)
+        except (OSError, AuditError, ValueError, EOFError) as exc:
+            self._stop_child(kill=True)
+            if isinstance(exc, AuditError):
+                raise
+            raise AuditError(f"cannot open audit log in {self.directory}: "
+                             f"audit writer process: {exc}") from exc
+        parent.setblocking(False)
+        self._stats_raw = ready["stats"]
+        self._state = "open"
+
+    async def append(self, kind: str, fields: dict) -> dict:
+        """Append one record; returns it (with seq, id, sig, ...) once durable."""
+        self._check_usable()
+        if not isinstance(kind, str) or not kind:
+            raise AuditRecordError("kind must be a non-empty string")
+        if not isinstance(fields, dict):
+            raise AuditRecordError("fields must be a dict")
+        if not RESERVED.isdisjoint(fields):
+            clash = RESERVED.intersection(fields)
+            raise AuditRecordError(f"reserved field(s) {sorted(clash)} in audit record")
+        try:
+            payload = marshal.dumps(("a", kind, fields))
+        except ValueError:  # not plain types (a subclass, ...): the canonical copy or refuse
+            try:
+                copy = json.loads(canonical(fields))
+            except CanonicalError as exc:
+                raise AuditRecordError(str(exc)) from exc
+            payload = marshal.dumps(("a", kind, copy))
+        return await self._submit(payload, kind, fields)
+
+    async def rotate_key(self, new_key: SigningKey) -> dict:
+        """Hand the chain over to ``new_key`` now: a key_rotation record signed by the old key."""
+        self._check_usable()
+        rec = await self._submit(marshal.dumps(("k", _raw(new_key))), "key_rotation", None)
+        self.key = new_key
+        return rec
+
+    async def close(self) -> None:
+        """Flush pending records, write a final checkpoint, fsync, and stop the child."""
+        if self._state != "open":
+            self._stop_child(kill=self._failed is not None)
+            return
+        loop = asyncio.get_running_loop()
+        self._state = "closing"
+        try:
+            if self._failed is None:
+                self._bind(loop)
+                self._closed_fut = loop.create_future()
+                self._queue(marshal.dumps(("c",)), None)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._closed_fut), self.ack_timeout)
+                except TimeoutError:
+                    self._fail(AuditError(
+                        f"audit writer process did not close within {self.ack_timeout:.0f}s"))
+                except AuditError:
+                    pass
+                if self._failed is not None:
+                    raise AuditError(f"audit log close failed: {self._failed}")
+            else:
+                self._fail_waiting()
+        finally:
+            self._state = "closed"
+            self._unbind()
+            await loop.run_in_executor(None, self._stop_child, self._failed is not None)
+
+    def close_sync(self) -> None:
+        """Like close(), for when no event loop is running."""
+        if self._state != "open":
+            self._stop_child(kill=self._failed is not None)
+            return
+        self._state = "closing"
+        self._unbind()
+        try:
+            if self._failed is None:
+                data = self._wbuf + b"".join(self._out)
+                self._wbuf, self._out = b"", []
+                data += frame(marshal.dumps(("c",)))
+                try:
+                    self._pump_sync(data, time.monotonic() + self.ack_timeout)
+                except (OSError, ValueError, EOFError, AuditError) as exc:
+                    self._fail(exc if isinstance(exc, AuditError) else AuditError(
+                        f"audit writer process: {exc}"))
+                if self._failed is not None:
+                    raise AuditError(f"audit log close failed: {self._failed}")
+            else:
+                self._fail_waiting()
+        finally:
+            self._state = "closed"
+            self._stop_child(kill=self._failed is not None)
+
+    # ------------------------------------------------------------------ sending
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise AuditError(f"audit log failed earlier: {self._failed}")
+        if self._state != "open":
+            raise AuditError("audit writer is not open" if self._state == "new"
+                             else "audit writer is closed")
+
+    async def _submit(self, payload: bytes, kind: str, fields: dict | None) -> dict:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        fut = loop.create_future()
+        self._queue(payload, (fut, time.monotonic(), kind, fields), kind not in DEFERRED_KINDS)
+        return await fut
+
+    def _queue(self, payload: bytes, waiter: tuple | None, urgent: bool = True) -> None:
+        self._out.append(len(payload).to_bytes(HEADER, "big") + payload)
+        loop = self._loop
+        assert loop is not None
+        if waiter is not None:
+            self._waiting.append(waiter)
+            if self._watchdog is None:
+                self._watchdog = loop.call_later(self.ack_timeout, self._check_acks)
+        if self._flush_scheduled:
+            return
+        if urgent:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        elif self._flush_timer is None:
+            self._flush_timer = loop.call_later(DEFER_SECONDS, self._flush)
+
+    def _flush(self) -> None:
+        """Send every frame queued in this loop iteration with one send()."""
+        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._failed is not None or self._sock is None:
+            return
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._wbuf = self._wbuf + data if self._wbuf else data
+        if self._writer_armed or not self._wbuf:
+            return  # the writability callback sends it
+        self._send_some()
+
+    def _send_some(self) -> None:
+        assert self._sock is not None and self._loop is not None
+        try:
+            n = self._sock.send(self._wbuf)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._fail(AuditError(f"audit writer process unreachable: {exc}"))
+            return
+        self._wbuf = self._wbuf[n:]
+        if self._wbuf and not self._writer_armed:
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+            self._writer_armed = True
+        elif not self._wbuf and self._writer_armed:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writer_armed = False
+
+    def _on_writable(self) -> None:
+        if self._failed is not None:
+            return
+        if self._out:
+            self._wbuf += b"".join(self._out)
+            self._out.clear()
+        self._send_some()
+
+    # ------------------------------------------------------------------ receiving
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read acknowledgements on ``loop`` (the loop of the latest caller)."""
+        if self._loop is loop:
+            return
+        self._unbind(strand=True)
+        self._loop = loop
+        if self._sock is not None and self._failed is None:
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _unbind(self, strand: bool = False) -> None:
+        loop, self._loop = self._loop, None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if loop is None or self._sock is None:
+            return
+        for remove in (loop.remove_reader, loop.remove_writer):
+            try:
+                remove(self._sock.fileno())
+            except (RuntimeError, ValueError, OSError):  # loop closed
+                pass
+        self._writer_armed = False
+        if strand and self._waiting:
+            # appends on a loop that is gone: nobody can be told they are durable, so they
+            # fail; their slots stay (the child answers in order) without a future
+            for fut, *_rest in self._waiting:
+                if fut is not None and not fut.done():
+                    try:
+                        fut.set_exception(AuditError("audit record appended on an event loop "
+                                                     "that is gone"))
+                    except RuntimeError:
+                        pass
+            self._waiting = collections.deque((None, *rest) for _f, *rest in self._waiting)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            n = self._sock.recv_into(self._rmem)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            n = 0
+            log.debug("audit writer socket: %s", exc)
+        if not n:
+            self._on_eof()
+            return
+        self._rbuf += self._rmem[:n]
+        try:
+            msgs = split_frames(self._rbuf)
+        except ValueError as exc:
+            self._fail(AuditError(f"audit writer process sent garbage: {exc}"))
+            return
+        for msg in msgs:
+            self._handle(msg)
+
+    def _handle(self, msg: tuple) -> None:
+        op = msg[0]
+        if op == "A":
+            self._stats_raw = msg[2]
+            waiting = self._waiting
+            origin = self.origin
+            for res in msg[1]:
+                if not waiting:
+                    self._fail(AuditError("audit writer process acknowledged more records "
+                                          "than it was sent"))
+                    return
+                fut, _t, kind, fields = waiting.popleft()
+                if fut is None or fut.done():
+                    continue
+                try:
+                    if type(res) is tuple:  # (seq, ts, prev, key_id, sig): rebuild the record
+                        seq, ts, prev, key_id, sig = res
+                        rec = {"v": VERSION, "origin": origin, "seq": seq, "ts": ts,
+                               "kind": kind, "prev": prev, "key_id": key_id}
+                        rec.update(fields)
+                        if kind == "decision" and "id" not in rec:
+                            rec["id"] = f"{origin}:{seq}"
+                        rec["sig"] = sig
+                        fut.set_result(rec)
+                    elif type(res) is dict:
+                        fut.set_result(res)
+                    else:
+                        fut.set_exception(AuditRecordError(res))
+                except RuntimeError:  # its loop is closed
+                    pass
+        elif op == "L":
+            log.log(msg[1], "%s", msg[2])
+        elif op == "F":
+            self._fail(OSError(f"{msg[1]} failed in the audit writer process: {msg[2]}"))
+        elif op == "C":
+            self._stats_raw = msg[1]
+            if self._waiting:
+                self._fail(AuditError("audit writer process closed with records unanswered"))
+            if self._closed_fut is not None and not self._closed_fut.done():
+                self._closed_fut.set_result(None)
+        elif op == "R":
+            pass
+
+    def _on_eof(self) -> None:
+        if self._loop is not None and self._sock is not None:
+            try:
+                self._loop.remove_reader(self._sock.fileno())
+            except (RuntimeError, ValueError, OSError):
+                pass
+        if self._closed_fut is not None and self._closed_fut.done():
+            return
+        code = self._proc.poll() if self._proc else None
+        how = f"exit code {code}" if code is not None and code >= 0 else (
+            f"killed by signal {-code}" if code is not None else "closed its socket")
+        self._fail(AuditError(f"audit writer process died ({how})"))
+
+    def _check_acks(self) -> None:
+        self._watchdog = None
+        if not self._waiting or self._failed is not None or self._loop is None:
+            return
+        oldest = self._waiting[0][1]
+        late = time.monotonic() - oldest
+        if late >= self.ack_timeout:
+            self._fail(AuditError(f"audit writer process did not acknowledge a record within "
+                                  f"{self.ack_timeout:.0f}s (hung?)"))
+            self._stop_child(kill=True)
+            return
+        self._watchdog = self._loop.call_later(self.ack_timeout - late, self._check_acks)
+
+    # ------------------------------------------------------------------ failure
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+            self.stats.write_failures = max(1, self.stats.write_failures)
+            log.critical(
+                "AUDIT LOG WRITE FAILED (%s: %s) in %s; the audit writer is permanently "
+                "failed and no further records will be written: LLM traffic must stop",
+                type(exc).__name__, exc, self.directory,
+            )
+        self._fail_waiting()
+        if self._closed_fut is not None and not self._closed_fut.done():
+            self._closed_fut.set_exception(AuditError(str(exc)))
+            self._closed_fut.exception()  # retrieved: close() reports it
+        if self._loop is not None and self._sock is not None:
+            for remove in (self._loop.remove_reader, self._loop.remove_writer):
+                try:
+                    remove(self._sock.fileno())
+                except (RuntimeError, ValueError, OSError):
+                    pass
+            self._writer_armed = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _fail_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, collections.deque()
+        self._out.clear()
+        for fut, *_rest in waiting:
+            if fut is not None and not fut.done():
+                try:
+                    fut.set_exception(AuditError(f"audit record not written: {self._failed}"))
+                except RuntimeError:
+                    pass
+
+    # ------------------------------------------------------------------ sync helpers
+
+    def _handshake(self, deadline: float) -> dict:
+        """Read frames (blocking) until the child reports ready or failed."""
+        assert self._sock is not None
+        while True:
+            for msg in self._read_sync(deadline):
+                op = msg[0]
+                if op == "R":
+                    return msg[1]
+                if op == "L":
+                    log.log(msg[1], "%s", msg[2])
+                elif op == "F":
+                    raise AuditError(msg[2] if msg[1] == "open" else
+                                     f"cannot open audit log in {self.directory}: {msg[2]}")
+
+    def _read_sync(self, deadline: float) -> list:
+        assert self._sock is not None
+        self._sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = self._sock.recv(1 << 20)
+        except TimeoutError:
+            raise AuditError("the audit writer process did not answer in time") from None
+        if not data:
+            code = self._proc.wait(5) if self._proc else None
+            raise AuditError(f"the audit writer process exited (code {code})")
+        self._rbuf += data
+        return split_frames(self._rbuf)
+
+    def _pump_sync(self, data: bytes, deadline: float) -> None:
+        """Send ``data`` and read answers until the child reports closed (no loop running)."""
+        sock = self._sock
+        assert sock is not None
+        sock.setblocking(False)
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if data else 0))
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AuditError("audit writer process did not close in time")
+                for _k, ev in sel.select(left):
+                    if ev & selectors.EVENT_WRITE and data:
+                        try:
+                            n = sock.send(data)
+                        except BlockingIOError:
+                            n = 0
+                        data = data[n:]
+                        if not data:
+                            sel.modify(sock, selectors.EVENT_READ)
+                    if ev & selectors.EVENT_READ:
+                        try:
+                            chunk = sock.recv(1 << 20)
+                        except BlockingIOError:
+                            continue
+                        if not chunk:
+                            raise AuditError("audit writer process exited before closing")
+                        self._rbuf += chunk
+                        for msg in split_frames(self._rbuf):
+                            if msg[0] == "C":
+                                self._handle(msg)
+                                return
+                            self._handle(msg)
+                            if self._failed is not None:
+                                return
+        finally:
+            sel.close()
+
+    def _stop_child(self, kill: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()  # EOF: a child still running flushes and exits
+            except OSError:
+                pass
+        if proc is None:
+            return
+        if kill and proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(self.ack_timeout)
+        except subprocess.TimeoutExpired:
+            log.error("audit writer process %d did not exit; killing it", proc.pid)
+            proc.kill()
+            proc.wait(5)
