@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from .fileio import write_atomic
 
 __all__ = ["CaError", "install_subca", "load_or_create_ca", "register"]
 
@@ -142,24 +142,12 @@ def _write_output(out: str | None, data: bytes, *, binary: bool) -> None:
         return
     path = Path(out)
     try:
-        _atomic_write(path, data, mode=0o644)
+        write_atomic(path, data, mode=0o644)
     except OSError as e:
         raise CaError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def load_or_create_ca(certs_dir: Path):
@@ -436,12 +424,12 @@ def install_subca(
                 shutil.copy2(t, bak)
                 backups.append(bak)
         for path, (data, mode) in contents.items():
-            _atomic_write(path, data, mode)
+            write_atomic(path, data, mode)
         dh = certs_dir / f"{BASENAME}-dhparam.pem"
         if not dh.exists():
             from mitmproxy.certs import DEFAULT_DHPARAM
 
-            _atomic_write(dh, DEFAULT_DHPARAM, 0o644)
+            write_atomic(dh, DEFAULT_DHPARAM, 0o644)
     except OSError as e:
         raise CaError(f"cannot write to {certs_dir}: {e.strerror or e}") from None
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from ..fileio import write_atomic
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -67,30 +67,10 @@ class SigningKey:
         return cls.from_private(Ed25519PrivateKey.generate())
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+
+
 
 
 def _private_pem(private: Ed25519PrivateKey) -> bytes:
@@ -145,11 +125,11 @@ def load_or_create_signing_key(certs_dir: Path) -> SigningKey:
                         priv_path, mode)
     else:
         private = Ed25519PrivateKey.generate()
-        _write_atomic(priv_path, _private_pem(private), 0o600)
+        write_atomic(priv_path, _private_pem(private), 0o600)
         log.info("created audit signing key %s", priv_path)
     public_pem = _public_pem(private.public_key())
     if not pub_path.exists():
-        _write_atomic(pub_path, public_pem, 0o644)
+        write_atomic(pub_path, public_pem, 0o644)
     elif pub_path.read_bytes().strip() != public_pem.strip():
         raise AuditKeyError(
             f"{pub_path} does not match {priv_path}; remove the stale public key file"
@@ -211,10 +191,10 @@ def rotate_key(certs_dir: Path) -> tuple[SigningKey, SigningKey]:
         raise AuditKeyError(f"{priv_path} does not exist: nothing to rotate")
     old = SigningKey.from_private(_load_private(priv_path))
     h = _hex_of(old.key_id)
-    _write_atomic(certs_dir / f"audit-signing-key.{h}.pem", _private_pem(old.private), 0o600)
-    _write_atomic(certs_dir / f"audit-signing-key.{h}.pub.pem", _public_pem(old.public), 0o644)
+    write_atomic(certs_dir / f"audit-signing-key.{h}.pem", _private_pem(old.private), 0o600)
+    write_atomic(certs_dir / f"audit-signing-key.{h}.pub.pem", _public_pem(old.public), 0o644)
     new_private = Ed25519PrivateKey.generate()
-    _write_atomic(priv_path, _private_pem(new_private), 0o600)
-    _write_atomic(certs_dir / PUBLIC_NAME, _public_pem(new_private.public_key()), 0o644)
+    write_atomic(priv_path, _private_pem(new_private), 0o600)
+    write_atomic(certs_dir / PUBLIC_NAME, _public_pem(new_private.public_key()), 0o644)
     retired = _retired_private(certs_dir)
     return old, SigningKey.from_private(new_private, retired)

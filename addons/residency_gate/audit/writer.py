@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fileio import fsync_dir
 from .canonical import CanonicalError, _plain, canonical, parse
 from .keys import SigningKey, public_raw
 from .records import (
@@ -69,12 +70,7 @@ class AuditStats:
         return asdict(self)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -519,7 +515,7 @@ class AuditWriter:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _open_segment(self, path: Path, create: bool) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -531,7 +527,7 @@ class AuditWriter:
         self._file_bytes = os.fstat(self._fd).st_size
         if not existed:
             os.fsync(self._fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _rotate(self) -> None:
         if self._last_kind != "checkpoint":
