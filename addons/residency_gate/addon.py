@@ -2,9 +2,11 @@
 
 A request's path, in hook order:
   tls_clienthello  -> intercept only catalog hosts (by CONNECT target or SNI); tunnel the rest
-  requestheaders   -> note the start; stream (and later refuse) bodies over the size limit
-  request          -> destination checks (fronting), decision, audit record, then act:
-                      forward (tag header stripped), refuse in the provider's error shape, or reroute
+  requestheaders   -> note the start; refuse an LLM body declared over the size limit (413)
+                      now, since a streamed body would leave before `request` runs
+  request          -> destination checks (fronting), decision (large bodies off the event
+                      loop), route applied, audit record durable, then act: forward (tag
+                      header stripped), refuse in the provider's error shape, or reroute
   tcp_start        -> raw (non-HTTP) streams to an LLM host are killed, never relayed
   server_connect   -> connect where `resolve` says, SNI and certificate still on the host name
   responseheaders  -> stream the response, mark it with X-Residency-Decision
