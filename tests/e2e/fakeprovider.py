@@ -744,7 +744,7 @@ class FakeProvider:
 
     # -- lifecycle --
 
-    def start(self) -> FakeProvider:
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeProvider:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.server_cert.configure_cert(ctx)
         ctx.set_alpn_protocols(["http/1.1"])
@@ -756,7 +756,7 @@ class FakeProvider:
                 self.tls_connections.append(server_name)
 
         ctx.sni_callback = on_sni
-        self._server = _Server(("127.0.0.1", 0), ctx, self)
+        self._server = _Server((host, port), ctx, self)
         self._thread = threading.Thread(target=self._server.serve_forever, name="fakeprovider", daemon=True)
         self._thread.start()
         return self
@@ -782,7 +782,8 @@ class FakeProvider:
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        assert self._server is not None
+        return f"{self._server.server_address[0]}:{self.port}"
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """An SSL context trusting only the fake provider's CA."""
