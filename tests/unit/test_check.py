@@ -137,3 +137,28 @@ def test_explain_text_tells_the_developer_what_to_change(tmp_path):
 
 def test_script_paths_exist():
     assert Path(SHIPPED_CATALOG / "schema" / "config.schema.json").exists()
+
+
+def _yaml_block(text: str, after: str) -> str:
+    import re
+
+    start = text.index(after) if after else 0
+    return re.search(r"```yaml\n(.*?)```", text[start:], re.S).group(1)
+
+
+@pytest.mark.parametrize(
+    ("doc", "after"),
+    [
+        (Path(__file__).resolve().parents[2] / "README.md", "## Configuration"),
+        (Path(__file__).resolve().parents[3] / "shared" / "interface.md", "## Config file"),
+    ],
+    ids=["README", "interface.md"],
+)
+def test_documented_config_examples_pass_check(tmp_path, doc, after):
+    """The config blocks people copy from must be valid configs."""
+    if not doc.exists():
+        pytest.skip(f"{doc} not beside this checkout")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(_yaml_block(doc.read_text(), after))
+    r = run("check", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
