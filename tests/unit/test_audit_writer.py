@@ -13,12 +13,17 @@ from residency_gate.audit.keys import (
     load_or_create_signing_key,
     rotate_key,
 )
+from residency_gate.audit.process import ProcessAuditWriter
 from residency_gate.audit.records import ZERO_HASH, line_hash, segment_name
 from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditError, AuditRecordError, AuditWriter
 
 ORIGIN = "gw-1"
 
+
+# The writer's semantics, for both implementations: the in-process thread writer and the
+# writer process the proxy uses by default. Process-only behaviour: test_audit_process.py.
+BOTH = pytest.mark.parametrize("cls", [AuditWriter, ProcessAuditWriter], ids=["thread", "process"])
 
 @pytest.fixture
 def certs(tmp_path):
@@ -30,9 +35,9 @@ def key(certs):
     return load_or_create_signing_key(certs)
 
 
-def run_writer(directory, key, n, origin=ORIGIN, **kw):
+def run_writer(cls, directory, key, n, origin=ORIGIN, **kw):
     async def go():
-        w = AuditWriter(directory, key, origin, **kw)
+        w = cls(directory, key, origin, **kw)
         w.open()
         recs = [await w.append("decision", {"n": i, "decision": "allow"}) for i in range(n)]
         await w.close()
@@ -61,11 +66,13 @@ def test_key_files(certs, key):
     assert key.key_id.startswith("ed25519:") and len(key.key_id) == 8 + 16
 
 
-def test_records_fields_and_chain(tmp_path, certs, key):
-    _w, recs = run_writer(tmp_path / "a", key, 3)
+@BOTH
+def test_records_fields_and_chain(tmp_path, certs, key, cls):
+    _w, recs = run_writer(cls, tmp_path / "a", key, 3)
     lines = (tmp_path / "a" / segment_name(ORIGIN, 0)).read_bytes().splitlines()
     objs = [parse(x) for x in lines]
     assert objs[0]["kind"] == "start" and objs[0]["prev"] == ZERO_HASH
+    assert objs[0]["pid"] == os.getpid()  # the proxy's pid, not the writer process's
     for i, o in enumerate(objs):
         assert o["seq"] == i and o["v"] == 1 and o["origin"] == ORIGIN
         assert o["key_id"] == key.key_id
@@ -73,15 +80,17 @@ def test_records_fields_and_chain(tmp_path, certs, key):
         if i:
             assert o["prev"] == line_hash(lines[i - 1])
     assert [r["id"] for r in recs] == [f"{ORIGIN}:1", f"{ORIGIN}:2", f"{ORIGIN}:3"]
+    assert [parse(x) for x in lines[1:4]] == recs  # append returns the record as written
     assert objs[-1]["kind"] == "checkpoint"  # shutdown checkpoint
     assert check(tmp_path / "a", certs).ok
 
 
-def test_restart_continues_seq_and_prev(tmp_path, certs, key):
+@BOTH
+def test_restart_continues_seq_and_prev(tmp_path, certs, key, cls):
     d = tmp_path / "a"
-    run_writer(d, key, 3)
+    run_writer(cls, d, key, 3)
     before = lines_of(d)
-    run_writer(d, key, 2)
+    run_writer(cls, d, key, 2)
     after = lines_of(d)
     assert [o["seq"] for o in after] == list(range(len(after)))
     assert after[len(before)]["kind"] == "start"
@@ -90,9 +99,10 @@ def test_restart_continues_seq_and_prev(tmp_path, certs, key):
 
 
 @pytest.mark.parametrize("cut", [1, 10, 50, -1])
-def test_torn_tail_recorded_and_chain_resumes(tmp_path, certs, key, cut):
+@BOTH
+def test_torn_tail_recorded_and_chain_resumes(tmp_path, certs, key, cut, cls, caplog):
     d = tmp_path / "a"
-    run_writer(d, key, 3)
+    run_writer(cls, d, key, 3)
     seg = d / segment_name(ORIGIN, 0)
     data = seg.read_bytes()
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
@@ -101,8 +111,11 @@ def test_torn_tail_recorded_and_chain_resumes(tmp_path, certs, key, cut):
     # the crash came before that record's checkpoint was exported
     cpf = d / "checkpoints-gw-1.jsonl"
     cpf.write_bytes(b"".join(x + b"\n" for x in cpf.read_bytes().splitlines()[:-1]))
-    w, _ = run_writer(d, key, 1)
+    with caplog.at_level("WARNING", logger="residency_gate.audit"):
+        w, _ = run_writer(cls, d, key, 1)
     assert w.stats.torn_tails == 1
+    # loud: the warning reaches the proxy's log (from the writer process too)
+    assert any("torn write" in r.getMessage() for r in caplog.records)
     objs = [parse(x) for x in seg.read_bytes().splitlines() if x.startswith(b'{"') and
             x.endswith(b"}") and _parses(x)]
     torn = [o for o in objs if o["kind"] == "torn_tail"]
@@ -125,12 +138,13 @@ def _parses(x):
         return False
 
 
-def test_complete_record_missing_newline_is_kept(tmp_path, certs, key):
+@BOTH
+def test_complete_record_missing_newline_is_kept(tmp_path, certs, key, cls):
     d = tmp_path / "a"
-    run_writer(d, key, 2)
+    run_writer(cls, d, key, 2)
     seg = d / segment_name(ORIGIN, 0)
     seg.write_bytes(seg.read_bytes()[:-1])
-    w, _ = run_writer(d, key, 1)
+    w, _ = run_writer(cls, d, key, 1)
     assert w.stats.torn_tails == 0
     rep = check(d, certs)
     assert rep.ok and not rep.problems
@@ -256,36 +270,46 @@ def test_write_failure_fails(tmp_path, key, monkeypatch):
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("fields", [{"seq": 1}, {"sig": "x"}, {"f": 1.5}, {"x": object()}])
-def test_invalid_fields_rejected_writer_stays_healthy(tmp_path, key, fields):
+@BOTH
+@pytest.mark.parametrize("fields", [{"seq": 1}, {"sig": "x"}, {"f": 1.5}, {"x": object()},
+                                    {1: "int key"}, {"b": b"bytes"}])
+def test_invalid_fields_rejected_writer_stays_healthy(tmp_path, certs, key, fields, cls):
     async def go():
-        w = AuditWriter(tmp_path / "a", key, ORIGIN)
+        w = cls(tmp_path / "a", key, ORIGIN)
         w.open()
         with pytest.raises(AuditRecordError):
             await w.append("decision", fields)
         assert w.healthy
-        rec = await w.append("decision", {"ok": True})
+        # a refused record among good ones: the others are written, in order
+        results = await asyncio.gather(w.append("decision", {"ok": 1}),
+                                       w.append("decision", fields),
+                                       w.append("decision", {"ok": 2}),
+                                       return_exceptions=True)
         await w.close()
-        return rec
+        return results
 
-    assert asyncio.run(go())["seq"] == 1
+    a, bad, b = asyncio.run(go())
+    assert isinstance(bad, AuditRecordError)
+    assert (a["seq"], a["ok"], b["seq"], b["ok"]) == (1, 1, 2, 2)
+    assert check(tmp_path / "a", certs).ok
 
-
-def test_append_before_open_and_after_close(tmp_path, key):
+@BOTH
+def test_append_before_open_and_after_close(tmp_path, key, cls):
     async def go():
-        w = AuditWriter(tmp_path / "a", key, ORIGIN)
+        w = cls(tmp_path / "a", key, ORIGIN)
         with pytest.raises(AuditError):
             await w.append("x", {})
         w.open()
         await w.close()
+        assert not w.healthy
         with pytest.raises(AuditError):
             await w.append("x", {})
     asyncio.run(go())
 
-
-def test_rotation_keeps_chain(tmp_path, certs, key):
+@BOTH
+def test_rotation_keeps_chain(tmp_path, certs, key, cls):
     d = tmp_path / "a"
-    run_writer(d, key, 40, rotate_bytes=2000, checkpoint_every=1000)
+    run_writer(cls, d, key, 40, rotate_bytes=2000, checkpoint_every=1000)
     files = sorted(d.glob("gw-1-*.jsonl"))
     assert len(files) > 3
     objs = lines_of(d)
@@ -320,10 +344,11 @@ def test_time_rotation_and_time_checkpoint(tmp_path, certs, key):
     assert check(d, certs).ok
 
 
-def test_checkpoints_file_and_anchor(tmp_path, certs, key):
+@BOTH
+def test_checkpoints_file_and_anchor(tmp_path, certs, key, cls):
     d = tmp_path / "a"
     anchor = tmp_path / "offhost" / "anchor.jsonl"
-    run_writer(d, key, 10, checkpoint_every=4, anchor_file=anchor)
+    run_writer(cls, d, key, 10, checkpoint_every=4, anchor_file=anchor)
     cp_lines = (d / "checkpoints-gw-1.jsonl").read_bytes().splitlines()
     assert cp_lines == anchor.read_bytes().splitlines()
     objs = lines_of(d)
@@ -340,16 +365,17 @@ def test_checkpoints_file_and_anchor(tmp_path, certs, key):
     assert rep.ok and rep.origins[ORIGIN].anchored_size == len(objs)
 
 
-def test_key_rotation_hand_over(tmp_path, certs, key):
+@BOTH
+def test_key_rotation_hand_over(tmp_path, certs, key, cls):
     d = tmp_path / "a"
     old_pub = tmp_path / "old.pub.pem"
     old_pub.write_bytes((certs / "audit-signing-key.pub.pem").read_bytes())
-    run_writer(d, key, 2)
+    run_writer(cls, d, key, 2)
     old, new = rotate_key(certs)
     assert old.key_id == key.key_id and new.key_id != key.key_id
     k2 = load_or_create_signing_key(certs)
     assert k2.key_id == new.key_id and [k.key_id for k in k2.retired] == [old.key_id]
-    run_writer(d, k2, 2)
+    run_writer(cls, d, k2, 2)
     objs = lines_of(d)
     ho = [o for o in objs if o["kind"] == "key_rotation"]
     assert len(ho) == 1
@@ -367,12 +393,13 @@ def test_key_rotation_hand_over(tmp_path, certs, key):
     assert rep.codes() == {"unknown-key"}
 
 
-def test_live_rotate_key(tmp_path, certs, key):
+@BOTH
+def test_live_rotate_key(tmp_path, certs, key, cls):
     d = tmp_path / "a"
     new = keys_mod.SigningKey.generate()
 
     async def go():
-        w = AuditWriter(d, key, ORIGIN)
+        w = cls(d, key, ORIGIN)
         w.open()
         await w.append("x", {})
         rec = await w.rotate_key(new)
@@ -381,26 +408,30 @@ def test_live_rotate_key(tmp_path, certs, key):
         return rec, after
 
     rec, after = asyncio.run(go())
+    assert rec["kind"] == "key_rotation" and rec["new_key_id"] == new.key_id
     assert rec["key_id"] == key.key_id and after["key_id"] == new.key_id
     assert verify([d], {key.key_id: key.public}, None).ok
 
 
-def test_hand_over_impossible_without_old_key(tmp_path, key):
+@BOTH
+def test_hand_over_impossible_without_old_key(tmp_path, key, cls):
     d = tmp_path / "a"
-    run_writer(d, key, 1)
+    run_writer(cls, d, key, 1)
     other = keys_mod.SigningKey.generate()
-    w = AuditWriter(d, other, ORIGIN)
+    w = cls(d, other, ORIGIN)
     with pytest.raises(AuditError, match="neither the current"):
         w.open()
+    assert not w.healthy
 
 
-def test_close_sync(tmp_path, certs, key):
+@BOTH
+def test_close_sync(tmp_path, certs, key, cls):
     d = tmp_path / "a"
 
     async def go(w):
         await w.append("x", {})
 
-    w = AuditWriter(d, key, ORIGIN)
+    w = cls(d, key, ORIGIN)
     w.open()
     asyncio.run(go(w))
     w.close_sync()
