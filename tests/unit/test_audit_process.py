@@ -15,53 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from audit_helpers import BOTH, ORIGIN, check, lines_of, run_writer
 from residency_gate.audit.canonical import parse
-from residency_gate.audit.keys import (
-    default_public_keys,
-    load_or_create_signing_key,
-)
 from residency_gate.audit.process import ProcessAuditWriter
 from residency_gate.audit.records import segment_name
-from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditError, AuditWriter
 
-ORIGIN = "gw-1"
 # Semantics shared with the thread writer are tested for both in test_audit_writer.py;
 # here: what only the writer process has, and what is measured differently there.
-BOTH = pytest.mark.parametrize("cls", [AuditWriter, ProcessAuditWriter],
-                               ids=["thread", "process"])
 PROCESS = pytest.mark.parametrize("cls", [ProcessAuditWriter], ids=["process"])
-
-
-@pytest.fixture
-def certs(tmp_path):
-    return tmp_path / "certs"
-
-
-@pytest.fixture
-def key(certs):
-    return load_or_create_signing_key(certs)
-
-
-def run_writer(cls, directory, key, n, origin=ORIGIN, **kw):
-    async def go():
-        w = cls(directory, key, origin, **kw)
-        w.open()
-        recs = [await w.append("decision", {"n": i, "decision": "allow"}) for i in range(n)]
-        await w.close()
-        return w, recs
-    return asyncio.run(go())
-
-
-def lines_of(directory):
-    out = []
-    for f in sorted(directory.glob("gw-1-*.jsonl")):
-        out += [parse(x) for x in f.read_bytes().splitlines() if x]
-    return out
-
-
-def check(directory, certs, anchor=None):
-    return verify([directory], default_public_keys(certs), anchor)
 
 
 def alive(pid: int) -> bool:

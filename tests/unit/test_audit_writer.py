@@ -5,55 +5,17 @@ import stat
 
 import pytest
 
+from audit_helpers import BOTH, ORIGIN, check, lines_of, run_writer
 from residency_gate.audit import keys as keys_mod
 from residency_gate.audit.canonical import parse
 from residency_gate.audit.keys import (
-    default_public_keys,
     key_id_for,
     load_or_create_signing_key,
     rotate_key,
 )
-from residency_gate.audit.process import ProcessAuditWriter
 from residency_gate.audit.records import ZERO_HASH, line_hash, segment_name
 from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditError, AuditRecordError, AuditWriter
-
-ORIGIN = "gw-1"
-
-
-# The writer's semantics, for both implementations: the in-process thread writer and the
-# writer process the proxy uses by default. Process-only behaviour: test_audit_process.py.
-BOTH = pytest.mark.parametrize("cls", [AuditWriter, ProcessAuditWriter], ids=["thread", "process"])
-
-@pytest.fixture
-def certs(tmp_path):
-    return tmp_path / "certs"
-
-
-@pytest.fixture
-def key(certs):
-    return load_or_create_signing_key(certs)
-
-
-def run_writer(cls, directory, key, n, origin=ORIGIN, **kw):
-    async def go():
-        w = cls(directory, key, origin, **kw)
-        w.open()
-        recs = [await w.append("decision", {"n": i, "decision": "allow"}) for i in range(n)]
-        await w.close()
-        return w, recs
-    return asyncio.run(go())
-
-
-def lines_of(directory):
-    out = []
-    for f in sorted(directory.glob("gw-1-*.jsonl")):
-        out += [parse(x) for x in f.read_bytes().splitlines() if x]
-    return out
-
-
-def check(directory, certs, anchor=None):
-    return verify([directory], default_public_keys(certs), anchor)
 
 
 def test_key_files(certs, key):
