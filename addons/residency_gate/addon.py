@@ -268,10 +268,19 @@ class ResidencyGate:
         if flow.response or flow.error or not flow.live:
             return  # answered by another addon (proxyauth's 407) or gone
         state = flow.metadata.setdefault(META, FlowState(started=time.monotonic()))
+        timeout = self.gate.policy.config.decision_timeout
         try:
-            async with asyncio.timeout(self.gate.policy.config.decision_timeout):
+            async with asyncio.timeout(timeout):
                 await self._decide_and_act(flow, state)
         except Refused as r:
+            await self._refuse_without_decision(flow, state, r)
+        except TimeoutError:  # a stuck audit write, most likely: refuse, never forward
+            log.critical("no decision within %.1fs for %s %s (audit trail stuck?); refused",
+                         timeout, flow.request.method, flow.request.pretty_url)
+            r = Refused(503, "decision_timeout",
+                        f"residency-gate could not decide on and record this request within "
+                        f"{timeout:g}s (limits.decision_timeout_seconds) and refused it; "
+                        "nothing was forwarded.")
             await self._refuse_without_decision(flow, state, r)
         except Exception as e:  # fail closed: anything unexpected refuses the request
             log.exception("internal error deciding %s %s", flow.request.method,
@@ -418,11 +427,12 @@ class ResidencyGate:
                        "reason": r.message, "url": flow.request.pretty_url.split("?", 1)[0],
                        "host": flow.request.host})
         if r.code != "audit_unavailable":
-            try:
-                record = await self.gate.audit.append("decision", fields)
+            try:  # bounded: a refusal must reach the client even if the audit is stuck
+                async with asyncio.timeout(self.gate.policy.config.decision_timeout):
+                    record = await self.gate.audit.append("decision", fields)
                 state.audit_id = record.get("id")
             except Exception as e:
-                log.critical("cannot audit a refusal: %s", e)
+                log.critical("cannot audit a refusal (%s): %s", r.code, e or type(e).__name__)
         if self.gate.metrics:
             self.gate.metrics.decisions.labels(provider=fields.get("provider") or "-",
                                                decision=BLOCK, reason=r.code).inc()

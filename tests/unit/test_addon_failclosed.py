@@ -198,3 +198,38 @@ def test_non_llm_traffic_unaffected_by_audit_failure(policy) -> None:
     f.client_conn.sni = "example.org"
     run(lambda: drive(addon, f))
     assert f.response is None
+
+
+class HangingSink:
+    """An audit sink whose writes never complete (a stuck disk)."""
+
+    healthy = True
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def append(self, kind: str, fields: dict) -> dict:
+        self.calls += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_stuck_audit_write_refuses_within_the_decision_timeout(tmp_path: Path) -> None:
+    """limits.decision_timeout_seconds bounds the whole decision, refusal included:
+    the client gets an answer, nothing is forwarded, even if the audit never returns."""
+    policy = policy_from(tmp_path, {"limits": {"decision_timeout_seconds": 0.2}})
+    sink = HangingSink()
+    addon = ResidencyGate(Gate(policy=policy, audit=sink))
+    f = chat_flow()
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(drive(addon, f), 5)
+        return loop.time() - t0
+
+    elapsed = run(go)
+    assert f.response is not None and f.response.status_code == 503
+    assert f.response.headers["X-Residency-Decision"] == "block"
+    assert elapsed < 1.5
+    assert sink.calls >= 1
