@@ -425,8 +425,13 @@ def test_unknown_tag_is_400_and_not_forwarded(gate: Proxy, fake: FakeProvider, s
     assert ei.value.response.headers.get("x-residency-decision") != "allow"
     assert_nothing_received(fake)
     # ... and audited
-    records = [r for r in audit_records(gate) if r.get("kind") == "decision"]
-    assert any("atlantis" in json.dumps(r) for r in records), "the unknown-tag refusal was not audited"
+    audit_id = ei.value.response.headers.get("x-residency-audit-id")
+    records = [r for r in audit_records(gate) if r.get("kind") == "decision" and r["id"] == audit_id]
+    assert len(records) == 1, "the unknown-tag refusal was not audited"
+    (rec,) = records
+    # the tag as sent is a field a security team can filter on, not just words in `reason`
+    assert (rec["decision"], rec["status"], rec["code"], rec["tags"]) == (
+        "block", 400, "unknown_tag", ["atlantis"])
 
 
 # ---------------------------------------------------------------------------
