@@ -13,9 +13,9 @@ import logging
 from mitmproxy import ctx, exceptions
 
 from .addon import Gate, ResidencyGate
-from .metrics import METRICS
+from .ops.metrics import METRICS
+from .ops.run import open_audit
 from .policy import load_policy
-from .server import open_audit
 from .sourcefile import InvalidSource
 
 log = logging.getLogger("residency_gate")

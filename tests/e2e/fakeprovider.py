@@ -357,21 +357,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- request plumbing --------------------------------------------------
 
-    def _read_body(self) -> bytes:
+    def _read_body(self) -> bytes | None:
+        """The whole body, or None when the connection ended before it was complete (a
+        provider never acts on half a request, so it is not recorded)."""
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         if "chunked" in te:
             out = bytearray()
             while True:
                 line = self.rfile.readline(65537)
+                if not line:
+                    return None
                 size = int(line.split(b";", 1)[0].strip() or b"0", 16)
                 if size == 0:
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     return bytes(out)
-                out += self.rfile.read(size)
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    return None
+                out += chunk
                 self.rfile.readline(3)
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        return body if len(body) == length else None
 
     def _record(self, body: bytes) -> Recorded:
         host_header = self.headers.get("Host", "")
@@ -461,6 +469,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         body = self._read_body()
+        if body is None:
+            self.close_connection = True
+            return
         rec = self._record(body)
         try:
             self._route(rec)

@@ -34,8 +34,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from residency_gate.audit.canonical import canonical, parse
+from residency_gate.audit.chain import ZERO_HASH, line_hash, sign_record
 from residency_gate.audit.keys import SigningKey
-from residency_gate.audit.records import ZERO_HASH, line_hash, sign_record
 
 from .conftest import RESIDENCY_GATE, TAG_HEADER, Proxy
 from .fakeprovider import FakeProvider, free_port

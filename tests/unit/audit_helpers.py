@@ -8,9 +8,9 @@ import pytest
 
 from residency_gate.audit.canonical import parse
 from residency_gate.audit.keys import default_public_keys
-from residency_gate.audit.process import ProcessAuditWriter
 from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditWriter
+from residency_gate.audit.writer_process import ProcessAuditWriter
 
 ORIGIN = "gw-1"
 

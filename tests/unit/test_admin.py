@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from residency_gate.admin import AdminServer
-from residency_gate.metrics import Registry
+from residency_gate.ops.admin import AdminServer
+from residency_gate.ops.metrics import Registry
 
 
 async def raw(port: int, data: bytes, *, half_close: bool = True, timeout: float = 5) -> bytes:

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from residency_gate.audit.cli import main, parse_time
 from residency_gate.audit.keys import load_or_create_signing_key
 from residency_gate.audit.writer import AuditWriter
+from residency_gate.cli.audit import main, parse_time
 
 ORIGIN = "gw-1"
 
@@ -63,7 +63,7 @@ def test_verify_defaults_and_json(env, capsys):
     import argparse
     ns = argparse.Namespace(paths=[], pubkey=None, anchor=None, json=True,
                             default_audit_dir=d, default_certs_dir=certs)
-    from residency_gate.audit.cli import _guard, cmd_verify
+    from residency_gate.cli.audit import _guard, cmd_verify
     assert _guard(cmd_verify)(ns) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["origins"][ORIGIN]["vouched"][0][0] == 0

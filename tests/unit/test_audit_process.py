@@ -17,9 +17,9 @@ import pytest
 
 from audit_helpers import BOTH, ORIGIN, check, lines_of, run_writer
 from residency_gate.audit.canonical import parse
-from residency_gate.audit.process import ProcessAuditWriter
-from residency_gate.audit.records import segment_name
+from residency_gate.audit.chain import segment_name
 from residency_gate.audit.writer import AuditError, AuditWriter
+from residency_gate.audit.writer_process import ProcessAuditWriter
 
 # Semantics shared with the thread writer are tested for both in test_audit_writer.py;
 # here: what only the writer process has, and what is measured differently there.
@@ -235,7 +235,7 @@ PARENT = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
     from residency_gate.audit.keys import load_or_create_signing_key
-    from residency_gate.audit.process import ProcessAuditWriter
+    from residency_gate.audit.writer_process import ProcessAuditWriter
 
     async def main():
         w = ProcessAuditWriter(Path(sys.argv[1]), load_or_create_signing_key(Path(sys.argv[2])),

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from residency_gate.audit.canonical import canonical, parse
+from residency_gate.audit.chain import line_hash, segment_name, sign_record
 from residency_gate.audit.keys import SigningKey, load_or_create_signing_key
-from residency_gate.audit.records import line_hash, segment_name, sign_record
 from residency_gate.audit.verify import verify, verify_bytes
 from residency_gate.audit.writer import AuditWriter
 

@@ -8,12 +8,12 @@ import pytest
 from audit_helpers import BOTH, ORIGIN, check, lines_of, run_writer
 from residency_gate.audit import keys as keys_mod
 from residency_gate.audit.canonical import parse
+from residency_gate.audit.chain import ZERO_HASH, line_hash, segment_name
 from residency_gate.audit.keys import (
     key_id_for,
     load_or_create_signing_key,
     rotate_key,
 )
-from residency_gate.audit.records import ZERO_HASH, line_hash, segment_name
 from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditError, AuditRecordError, AuditWriter
 

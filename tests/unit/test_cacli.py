@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from residency_gate import cacli
+from residency_gate.cli import ca as cacli
 
 
 @pytest.fixture(autouse=True)

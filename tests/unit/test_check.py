@@ -11,7 +11,7 @@ import pytest
 
 from residency_gate.catalog import SHIPPED_CATALOG
 
-CLI = [sys.executable, "-m", "residency_gate.cli"]
+CLI = [sys.executable, "-m", "residency_gate"]
 
 
 def run(*args, cwd=None):

@@ -111,8 +111,8 @@ def healthcheck_command() -> list[str]:
 
 
 def test_healthcheck_command_against_a_real_admin_listener():
-    from residency_gate.admin import AdminServer
-    from residency_gate.metrics import Registry
+    from residency_gate.ops.admin import AdminServer
+    from residency_gate.ops.metrics import Registry
 
     cmd = healthcheck_command()
     assert cmd[0] == "python"

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from residency_gate.metrics import (
+from residency_gate.ops.metrics import (
     CONTENT_TYPE,
     DECISION_BUCKETS,
     METRICS,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from residency_gate.pac import pac_file, pattern_regex, proxy_directive
+from residency_gate.ops.pac import pac_file, pattern_regex, proxy_directive
 
 NODE = shutil.which("node") or shutil.which("nodejs")
 needs_node = pytest.mark.skipif(

@@ -34,8 +34,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .canonical import canonical, parse
-from .keys import key_id_for
-from .records import (
+from .chain import (
     CHECKPOINTS_PREFIX,
     HEX64_RE,
     VERSION,
@@ -46,6 +45,7 @@ from .records import (
     parse_segment_name,
     verify_signature,
 )
+from .keys import key_id_for
 
 ERROR = "error"
 WARNING = "warning"

@@ -23,8 +23,7 @@ from typing import Any
 
 from ..fileio import fsync_dir
 from .canonical import CanonicalError, _plain, canonical, parse
-from .keys import SigningKey, public_raw
-from .records import (
+from .chain import (
     HEX64_RE,
     RESERVED,
     VERSION,
@@ -39,6 +38,7 @@ from .records import (
     utc_ts,
     verify_signature,
 )
+from .keys import SigningKey, public_raw
 
 log = logging.getLogger("residency_gate.audit")
 

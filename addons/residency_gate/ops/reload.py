@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-from .policy import load_policy
-from .sourcefile import InvalidSource
+from ..policy import load_policy
+from ..sourcefile import InvalidSource
 
 log = logging.getLogger("residency_gate.reload")
 

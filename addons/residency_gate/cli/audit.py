@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
-from .keys import AuditKeyError, default_public_keys, load_public_keys, rotate_key
-from .records import parse_ts
-from .verify import Report, iter_records, verify
+from ..audit.chain import parse_ts
+from ..audit.keys import AuditKeyError, default_public_keys, load_public_keys, rotate_key
+from ..audit.verify import Report, iter_records, verify
 
 
 class UsageError(Exception):
@@ -192,7 +192,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import render_html
+    from ..audit.report import render_html
 
     report = _run_verify(args, collect=True)
     records = report.records or []

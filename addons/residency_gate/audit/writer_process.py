@@ -3,7 +3,7 @@
 Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80 µs), and the
 proxy writes two per request. In-process, that work runs on a thread that shares the
 GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
-process (``python -m residency_gate.audit.worker``, see there for the protocol) runs the
+process (``python -m residency_gate.audit.writer_child``, see there for the protocol) runs the
 unchanged :class:`AuditWriter` code; the proxy only marshals the fields, writes all the
 appends of one event-loop iteration to a socketpair in one ``send``, and resolves each
 append when the child reports its group commit durable (fsynced).
@@ -33,10 +33,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .canonical import CanonicalError, canonical
+from .chain import RESERVED, VERSION
 from .keys import SigningKey
-from .records import RESERVED, VERSION
-from .worker import HEADER, frame, split_frames
 from .writer import AuditError, AuditRecordError, AuditStats
+from .writer_child import HEADER, frame, split_frames
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -151,7 +151,7 @@ class ProcessAuditWriter:
             p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "residency_gate.audit.worker", str(child.fileno())],
+                [sys.executable, "-m", "residency_gate.audit.writer_child", str(child.fileno())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
             )
         except OSError as exc:

@@ -1,6 +1,6 @@
-"""The audit writer's own process: ``python -m residency_gate.audit.worker FD``.
+"""The audit writer's own process: ``python -m residency_gate.audit.writer_child FD``.
 
-Started by :class:`~residency_gate.audit.process.ProcessAuditWriter`; FD is its end of a
+Started by :class:`~residency_gate.audit.writer_process.ProcessAuditWriter`; FD is its end of a
 Unix socketpair. Everything the in-process :class:`AuditWriter` does on its worker thread
 (recovery at open, building, canonicalising, signing, chaining and writing records, group
 commit fsync, rotation, checkpoints, the anchor file) happens here, with AuditWriter's own
@@ -50,8 +50,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .chain import origin_safe
 from .keys import SigningKey
-from .records import origin_safe
 from .writer import AuditError, AuditRecordError, AuditWriter, _Item
 
 log = logging.getLogger("residency_gate.audit")

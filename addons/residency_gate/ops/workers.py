@@ -277,7 +277,7 @@ class Supervisor:
     # children ------------------------------------------------------------
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "residency_gate.cli", "run"]
+        cmd = [sys.executable, "-m", "residency_gate", "run"]
         if self.config_arg:
             cmd += ["-c", self.config_arg]
         return cmd
@@ -499,8 +499,8 @@ def supervise(policy: Any, config_arg: str | None, n: int) -> int:
         return 1
     # Create the CA and the audit key once, before the workers start in parallel.
     try:
-        from .audit.keys import load_or_create_signing_key
-        from .cacli import load_or_create_ca
+        from ..audit.keys import load_or_create_signing_key
+        from ..cli.ca import load_or_create_ca
 
         config.certs_dir.mkdir(parents=True, exist_ok=True)
         load_or_create_ca(config.certs_dir)

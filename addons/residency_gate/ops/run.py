@@ -17,14 +17,14 @@ import certifi
 from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
+from ..addon import Gate, ResidencyGate
+from ..audit.keys import load_or_create_signing_key
+from ..audit.writer import AuditWriter
+from ..audit.writer_process import ProcessAuditWriter
+from ..policy import Policy
 from . import workers
-from .addon import Gate, ResidencyGate
-from .audit.keys import load_or_create_signing_key
-from .audit.process import ProcessAuditWriter
-from .audit.writer import AuditWriter
 from .logs import setup_logging
 from .metrics import METRICS
-from .policy import Policy
 from .reload import Reloader
 
 log = logging.getLogger("residency_gate")

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .fileio import write_atomic
+from ..fileio import write_atomic
 
 __all__ = ["CaError", "install_subca", "load_or_create_ca", "register"]
 
@@ -192,7 +192,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pac(args: argparse.Namespace) -> int:
-    from .pac import pac_file, proxy_directive
+    from ..ops.pac import pac_file, proxy_directive
 
     try:
         proxy_directive(args.proxy)

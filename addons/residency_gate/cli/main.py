@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .sourcefile import InvalidSource
+from ..sourcefile import InvalidSource
 
 
 def _policy_or_exit(config: str | None):
-    from .policy import load_policy
+    from ..policy import load_policy
 
     try:
         return load_policy(config)
@@ -42,7 +42,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def request_from_args(args: argparse.Namespace):
     """Turn `explain` arguments into the RequestInfo the proxy would build."""
-    from .engine import RequestInfo
+    from ..engine import RequestInfo
 
     url = args.url if "://" in args.url else f"https://{args.url}"
     parts = urlsplit(url)
@@ -79,8 +79,8 @@ def request_from_args(args: argparse.Namespace):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .engine import decide
-    from .explain import render_text
+    from ..engine import decide
+    from ..explain import render_text
 
     policy = _policy_or_exit(args.config)
     try:
@@ -97,8 +97,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .server import run
-    from .workers import supervise, worker_index
+    from ..ops.run import run
+    from ..ops.workers import supervise, worker_index
 
     policy = _policy_or_exit(args.config)
     try:
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
-    for module in ("residency_gate.audit.cli", "residency_gate.cacli"):
+    for module in ("residency_gate.cli.audit", "residency_gate.cli.ca"):
         try:
             registrar = __import__(module, fromlist=["register"]).register
         except ImportError:
@@ -168,7 +168,7 @@ def _late_defaults(args: argparse.Namespace) -> None:
     """Subcommands that read files default to the config's directories."""
     if getattr(args, "command", None) not in ("audit", "ca"):
         return
-    from .config import find_config, load_config
+    from ..config import find_config, load_config
 
     try:
         config = load_config(find_config(getattr(args, "config", None)))
@@ -178,7 +178,7 @@ def _late_defaults(args: argparse.Namespace) -> None:
     args.default_certs_dir = config.certs_dir
 
     def patterns() -> list[str]:
-        from .catalog import load_catalog
+        from ..catalog import load_catalog
 
         return load_catalog(config.catalog).host_patterns()
 

@@ -13,7 +13,7 @@ Design:
 
 Usage::
 
-    from residency_gate.metrics import METRICS
+    from residency_gate.ops.metrics import METRICS
     METRICS.decisions.labels(provider="openai", decision="block", reason="place").inc()
     METRICS.decision_seconds.observe(0.00042)
     METRICS.set_catalog_version("2026-11-28")

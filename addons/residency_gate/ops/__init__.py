@@ -1,0 +1,1 @@
+"""Operations: run the proxy, reload, admin endpoints, metrics, logs, workers, CA files."""
