@@ -6,6 +6,6 @@
 (residency-gate must be installed in mitmproxy's Python environment.)
 """
 
-from residency_gate.standalone import StandaloneResidencyGate
+from residency_gate.proxy.mitmdump import MitmdumpResidencyGate
 
-addons = [StandaloneResidencyGate()]
+addons = [MitmdumpResidencyGate()]

@@ -3,7 +3,7 @@
     .venv/bin/python bench/decision_bench.py [--quick] [--seconds S]
 
 No network, no proxy: builds a Policy from the shipped catalog plus a small config
-(Azure resources, a client CIDR rule) and calls ``engine.decide`` in a tight loop,
+(Azure resources, a client CIDR rule) and calls ``Bundle.decide`` (core.decision.decide) in a tight loop,
 first per kind of request, then on a round-robin mix. Also times catalog load and
 policy compilation (what `run`, `check` and a SIGHUP reload pay once).
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from residency_gate.catalog import load_catalog
-from residency_gate.config import load_config
-from residency_gate.engine import RequestInfo, decide
-from residency_gate.policy import build_policy, load_policy
+from residency_gate.catalog.bundle import build_bundle, load_bundle
+from residency_gate.catalog.compile import load_catalog
+from residency_gate.catalog.config import load_config
+from residency_gate.core.request import Request as RequestInfo
 
 CONFIG = """\
 azure:
@@ -88,7 +88,7 @@ def bench_calls(policy, requests: list[RequestInfo], seconds: float) -> tuple[in
     deadline = t0 + seconds
     while True:
         for i in range(batch):
-            decide(policy, requests[i % n])
+            policy.decide(requests[i % n])
         calls += batch
         now = time.perf_counter()
         if now >= deadline:
@@ -120,20 +120,20 @@ def main() -> int:
         config = load_config(cfg)
         load_t = time_it(lambda: load_catalog(config.catalog), loads)
         catalog = load_catalog(config.catalog)
-        build_t = time_it(lambda: build_policy(config, catalog), loads)
-        full_t = time_it(lambda: load_policy(cfg), loads)
-        policy = load_policy(cfg)
-        print(f"catalog: {len(catalog.endpoints)} endpoints, version {catalog.version}")
+        build_t = time_it(lambda: build_bundle(config, catalog), loads)
+        full_t = time_it(lambda: load_bundle(cfg), loads)
+        policy = load_bundle(cfg)
+        print(f"catalog: {len(catalog.endpoints)} endpoints, revision {catalog.revision}")
         print(f"{'load/compile step':34} {'median ms':>10} {'min ms':>8}")
         for label, ts in (("load_catalog (YAML+schema+compile)", load_t),
-                          ("build_policy (config compile)", build_t),
-                          ("load_policy (all of it)", full_t)):
+                          ("build_bundle (config compile)", build_t),
+                          ("load_bundle (all of it)", full_t)):
             print(f"{label:34} {1000 * statistics.median(ts):10.1f} {1000 * min(ts):8.1f}")
         print()
 
         # -- sanity: every case decides as expected -------------------------------
         for label, r, verdict in CASES:
-            d = decide(policy, r)
+            d = policy.decide(r)
             if d.verdict != verdict:
                 print(f"UNEXPECTED: {label}: {d.verdict} ({d.code}) {d.reason}", file=sys.stderr)
                 return 1

@@ -238,9 +238,9 @@ def test_metrics_after_real_traffic(admin_proxy: Proxy, fake: FakeProvider) -> N
     assert m.value("residency_gate_flows_total", kind="intercepted") == 2
     assert m.value("residency_gate_flows_total", kind="tunnelled") == 1
 
-    from residency_gate.catalog import load_catalog
+    from residency_gate.catalog.compile import load_catalog
 
-    assert m.samples("residency_gate_catalog_info") == [({"version": load_catalog().version}, 1)]
+    assert m.samples("residency_gate_catalog_info") == [({"version": load_catalog().revision}, 1)]
 
     # audit records: 7 decisions, and the counter agrees with the files
     def written() -> list[dict[str, Any]]:

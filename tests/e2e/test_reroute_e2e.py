@@ -101,7 +101,7 @@ def test_openai_global_rerouted_to_eu_host(gate: Proxy, fake: FakeProvider, sdks
     record = decision_record(gate, headers["x-residency-audit-id"])
     assert (record["decision"], record["routed_to"], record["host"]) == (
         "reroute", "eu.api.openai.com", "api.openai.com")
-    assert record["routed_places"] == "eea_ch"
+    assert record["routed_places"] == ["eea_ch"]  # region names; the record names the catalog revision
 
 
 def test_vertex_global_rerouted_to_eu_location(gate: Proxy, fake: FakeProvider, sdks: SDKs) -> None:

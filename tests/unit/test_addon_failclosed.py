@@ -18,11 +18,12 @@ import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
 from helpers import policy_from
-from residency_gate.addon import Gate, ResidencyGate
 from residency_gate.audit import writer as writer_mod
 from residency_gate.audit.keys import load_or_create_signing_key
 from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditWriter
+from residency_gate.proxy.addon import ResidencyGate
+from residency_gate.proxy.interface import Gate
 
 BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -80,7 +81,7 @@ def run(coro_fn):
 def test_healthy_writer_forwards_and_audits(tmp_path: Path, policy, key) -> None:
     """The control: with a working writer the same flow is left to be forwarded."""
     w = open_writer(tmp_path, key)
-    addon = ResidencyGate(Gate(policy=policy, audit=w))
+    addon = ResidencyGate(Gate(bundle=policy, audit=w))
 
     async def go():
         f = chat_flow()
@@ -104,7 +105,7 @@ def test_healthy_writer_forwards_and_audits(tmp_path: Path, policy, key) -> None
 def test_write_failure_refuses_with_503_for_good(tmp_path: Path, policy, key, monkeypatch,
                                                  fault: str) -> None:
     w = open_writer(tmp_path, key)
-    addon = ResidencyGate(Gate(policy=policy, audit=w))
+    addon = ResidencyGate(Gate(bundle=policy, audit=w))
     seg = w.current_file
     size_before = seg.stat().st_size
     calls = {"n": 0}
@@ -172,7 +173,7 @@ class UnhealthySink:
 @pytest.mark.parametrize("sink_cls", [RaisingSink, UnhealthySink])
 def test_any_audit_failure_refuses(policy, sink_cls) -> None:
     sink = sink_cls()
-    addon = ResidencyGate(Gate(policy=policy, audit=sink))
+    addon = ResidencyGate(Gate(bundle=policy, audit=sink))
 
     async def go():
         flows = [chat_flow(), chat_flow("eu")]
@@ -191,7 +192,7 @@ def test_any_audit_failure_refuses(policy, sink_cls) -> None:
 
 def test_non_llm_traffic_unaffected_by_audit_failure(policy) -> None:
     """Only LLM traffic stops: other hosts are not decided, audited or refused."""
-    addon = ResidencyGate(Gate(policy=policy, audit=UnhealthySink()))
+    addon = ResidencyGate(Gate(bundle=policy, audit=UnhealthySink()))
     f = tflow.tflow(req=tutils.treq(host="example.org", port=443, scheme=b"https",
                                     authority=b"", path=b"/"))
     f.request.headers["host"] = "example.org"
@@ -219,7 +220,7 @@ def test_stuck_audit_write_refuses_within_the_decision_timeout(tmp_path: Path) -
     the client gets an answer, nothing is forwarded, even if the audit never returns."""
     policy = policy_from(tmp_path, {"limits": {"decision_timeout_seconds": 0.2}})
     sink = HangingSink()
-    addon = ResidencyGate(Gate(policy=policy, audit=sink))
+    addon = ResidencyGate(Gate(bundle=policy, audit=sink))
     f = chat_flow()
 
     async def go():

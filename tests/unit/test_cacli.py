@@ -13,12 +13,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from residency_gate.cli import ca as cacli
+from residency_gate.ops import ca as ca_files
 
 
 @pytest.fixture(autouse=True)
 def small_keys(monkeypatch):
     # generated CAs only need to exist here; 1024-bit RSA keeps the tests fast
-    monkeypatch.setattr(cacli, "KEY_SIZE", 1024)
+    monkeypatch.setattr(ca_files, "KEY_SIZE", 1024)
 
 
 def parse(argv: list[str], **defaults) -> argparse.Namespace:

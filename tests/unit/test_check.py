@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from residency_gate.catalog import SHIPPED_CATALOG
+from residency_gate.catalog.data import shipped_dir
+
+SHIPPED_CATALOG = shipped_dir()
 
 CLI = [sys.executable, "-m", "residency_gate"]
 

@@ -10,14 +10,18 @@ import pytest
 from mitmproxy.test import tflow
 
 from helpers import policy_from
-from residency_gate.addon import Gate, Refused, ResidencyGate
+from residency_gate.core.decision import Decision
+from residency_gate.proxy.addon import ResidencyGate
+from residency_gate.proxy.connections import Interception
+from residency_gate.proxy.flows import strip_tag
+from residency_gate.proxy.interface import Gate
 
 
 @pytest.fixture(scope="module")
 def gate(tmp_path_factory):
     policy = policy_from(tmp_path_factory.mktemp("d"),
                          {"resolve": {"api.openai.com": "127.0.0.5:443"}})
-    return ResidencyGate(Gate(policy=policy, audit=None))
+    return ResidencyGate(Gate(bundle=policy, audit=None))
 
 
 def flow(target: str, host_header: str | None, sni: str | None):
@@ -55,12 +59,12 @@ def test_destination(gate, target, host_header, sni, expected):
     f = flow(target, host_header, sni)
 
     async def run():
-        return await gate._destination(f, gate.gate.policy)
+        return await gate._destination(f, gate.gate.bundle)
 
     if expected == 421:
-        with pytest.raises(Refused) as ei:
-            asyncio.run(run())
-        assert ei.value.status == 421
+        refused = asyncio.run(run())
+        assert isinstance(refused, Decision) and refused.status == 421
+        assert refused.code == "misdirected"
     else:
         assert asyncio.run(run()) == expected
 
@@ -82,7 +86,7 @@ def test_selective_interception(gate, connect_target, sni, intercepted):
         client_hello=SimpleNamespace(sni=sni),
         ignore_connection=False,
     )
-    gate.tls_clienthello(data)
+    Interception(gate).tls_clienthello(data)
     assert data.ignore_connection is (not intercepted)
 
 
@@ -92,11 +96,11 @@ def test_tag_header_kept_only_when_signed(gate):
     f.request.headers["authorization"] = (
         "AWS4-HMAC-SHA256 Credential=AKID/20261128/eu-central-1/bedrock/aws4_request, "
         "SignedHeaders=host;x-amz-date;x-data-residency, Signature=abc")
-    ResidencyGate._strip_tag(f, "X-Data-Residency")
+    strip_tag(f, "X-Data-Residency")
     assert f.request.headers["X-Data-Residency"] == "eu"
     f.request.headers["authorization"] = f.request.headers["authorization"].replace(
         ";x-data-residency", "")
-    ResidencyGate._strip_tag(f, "X-Data-Residency")
+    strip_tag(f, "X-Data-Residency")
     assert "X-Data-Residency" not in f.request.headers
 
 
@@ -109,5 +113,5 @@ def test_raw_tcp_to_llm_host_is_killed(gate, server, sni, killed):
     f = tflow.ttcpflow()
     f.server_conn.address = (server, 443)
     f.client_conn.sni = sni
-    gate.tcp_start(f)
+    Interception(gate).tcp_start(f)
     assert (f.error is not None and "killed" in f.error.msg.lower()) is killed

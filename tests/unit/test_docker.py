@@ -254,7 +254,7 @@ def test_entrypoint_without_config_writes_a_valid_default_and_execs_run(stub):
     assert (data / "certs").is_dir() and (data / "audit").is_dir()
     assert "no config at" in err
     # and the product's own config loader accepts it
-    from residency_gate.config import load_config
+    from residency_gate.catalog.config import load_config
 
     config = load_config(default)
     assert config.listen == ("0.0.0.0", 8080)
@@ -303,8 +303,8 @@ def test_entrypoint_refuses_values_that_would_break_the_yaml(stub):
 
 
 def _schema_check(text: str, file: str) -> None:
-    from residency_gate.schemas import schema_problems
-    from residency_gate.sourcefile import parse_yaml
+    from residency_gate.catalog.schema import schema_problems
+    from residency_gate.catalog.source import parse_yaml
 
     problems = schema_problems(parse_yaml(text, file), "config")
     assert not problems, [str(p) for p in problems]
@@ -313,7 +313,7 @@ def _schema_check(text: str, file: str) -> None:
 def test_container_config_is_valid():
     path = DOCKER / "config" / "residency-gate.yaml"
     _schema_check(path.read_text(), str(path))
-    from residency_gate.config import load_config
+    from residency_gate.catalog.config import load_config
 
     config = load_config(path)
     assert config.admin == ("0.0.0.0", 9464)

@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from helpers import decide_url, policy_from, shipped_catalog
-from residency_gate.catalog import RequestView, first_match
-from residency_gate.engine import ALLOW, BLOCK
+from residency_gate.core.decision import ALLOW, BLOCK
+from residency_gate.core.extract import first_match
+from residency_gate.core.request import RequestView
 
 CASES = yaml.safe_load((Path(__file__).parent / "provider_cases.yaml").read_text())
 
@@ -44,7 +45,7 @@ def test_provider_case(case, policies):
         assert untagged.code == "not_llm"
         return
     assert untagged.verdict == ALLOW, "no requirement: always allowed"
-    assert untagged.endpoint == expect["endpoint"]
+    assert untagged.endpoint_id == expect["endpoint"]
     if "model" in expect:
         assert untagged.model == expect["model"]
     places = untagged.location.places

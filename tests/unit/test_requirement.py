@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import decide_url, policy_from
-from residency_gate.policy import UnknownTag
+from residency_gate.core.requirement import UnknownTag
 
 VERTEX_NL = ("https://europe-west4-aiplatform.googleapis.com/v1/projects/p/locations/europe-west4/"
              "publishers/google/models/gemini-2.5-flash:generateContent")
@@ -48,14 +48,14 @@ def policy(tmp_path_factory):
     ],
 )
 def test_requirement_intersection(policy, tags, client, user, expected, sources):
-    requirement = policy.requirement(tags, client, user)
+    requirement = policy.policy.requirements.resolve(tags, client, user)
     assert policy.regions.describe(requirement.places) == expected
     assert [p.source for p in requirement.parts] == sources
 
 
 def test_unknown_tag_is_an_error(policy):
     with pytest.raises(UnknownTag):
-        policy.requirement(["atlantis"], None, None)
+        policy.policy.requirements.resolve(["atlantis"], None, None)
     d = decide_url(policy, OPENAI_US, tags=["atlantis"], body={"model": "gpt-4o"})
     assert (d.verdict, d.status, d.code) == ("block", 400, "unknown_tag")
     assert "atlantis" in d.reason and "benelux" in d.reason
@@ -120,7 +120,7 @@ def test_decision_is_fast(tmp_path):
     """Not a timing test: checks the allow path does not scan the catalog's options."""
     policy = policy_from(tmp_path, {})
     calls = []
-    original = policy.compliant_options
-    policy.compliant_options = lambda *a: calls.append(a) or original(*a)
+    original = policy.policy.compliant_options
+    policy.policy.compliant_options = lambda *a: calls.append(a) or original(*a)
     decide_url(policy, VERTEX_NL, tags=["eu"])
     assert calls == []

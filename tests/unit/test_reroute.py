@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 
 from helpers import decide_url, policy_from
@@ -26,9 +29,13 @@ CONFIG = {
 }
 
 
+KEYS = {"RES_EU_KEY": "k-res-eu", "ONPREM": "k-onprem"}  # set where the proxy loads its policy
+
+
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    return policy_from(tmp_path_factory.mktemp("rr"), CONFIG)
+    with mock.patch.dict(os.environ, KEYS):
+        return policy_from(tmp_path_factory.mktemp("rr"), CONFIG)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +97,8 @@ def test_reroute_plan(policy, url, body, tags, verdict, routed_url, fields):
 def test_private_route_replaces_credentials(policy):
     d = decide_url(policy, "https://api.openai.com/v1/chat/completions", body={"model": "gpt-4o"},
                    tags=["private"])
-    assert d.route.set_headers == {"authorization": "env:ONPREM"}
+    assert (d.route.credential.header, d.route.credential.env) == ("authorization", "ONPREM")
+    assert d.route.credential.format == "Bearer {key}"
     for name in ("authorization", "api-key", "x-api-key", "openai-organization", "cookie"):
         assert name in d.route.remove_headers
 
@@ -99,11 +107,9 @@ def test_signed_requests_are_never_rewritten(policy):
     from dataclasses import replace
 
     from helpers import request
-    from residency_gate.engine import decide
-
     req = replace(request("https://api.anthropic.com/v1/messages",
                           body={"model": "claude-opus-4-6"}, tags=["us"]), signed=True)
-    d = decide(policy, req)
+    d = policy.decide(req)
     assert d.verdict == "block" and "SigV4" in d.reason
 
 
@@ -117,7 +123,7 @@ def test_block_mode_never_reroutes(tmp_path):
 def test_apply_route_takes_keys_from_the_environment_only(policy, monkeypatch):
     from mitmproxy.test import tflow
 
-    from residency_gate.addon import Refused, apply_route
+    from residency_gate.proxy.flows import MissingKey, apply_route
 
     d = decide_url(policy, "https://api.openai.com/v1/chat/completions",
                    body={"model": "gpt-4o"}, tags=["private"])
@@ -127,9 +133,8 @@ def test_apply_route_takes_keys_from_the_environment_only(policy, monkeypatch):
     f.request.headers["openai-organization"] = "org-client"
     f.request.content = b'{"model":"gpt-4o","messages":[]}'
     monkeypatch.delenv("ONPREM", raising=False)
-    with pytest.raises(Refused) as ei:
+    with pytest.raises(MissingKey, match="ONPREM"):
         apply_route(f, d.route)
-    assert ei.value.status == 503 and "ONPREM" in ei.value.message
     monkeypatch.setenv("ONPREM", "k-onprem")
     apply_route(f, d.route)
     assert (f.request.scheme, f.request.host, f.request.port, f.request.path) == (
@@ -138,3 +143,18 @@ def test_apply_route_takes_keys_from_the_environment_only(policy, monkeypatch):
     assert "openai-organization" not in f.request.headers
     assert f.request.headers["host"] == "10.1.2.3:8000"
     assert b'"model":"llama-3.3-70b"' in f.request.content
+
+
+def test_route_whose_key_is_not_set_is_not_offered(tmp_path, monkeypatch):
+    """A route needing a key variable the proxy does not have is no route: the refusal
+    says which variable, and the decision carries no route (nothing claims a reroute)."""
+    for name in KEYS:
+        monkeypatch.delenv(name, raising=False)
+    p = policy_from(tmp_path, CONFIG)
+    d = decide_url(p, "https://api.openai.com/v1/chat/completions", body={"model": "gpt-4o"},
+                   tags=["private"])
+    assert (d.verdict, d.code, d.route) == ("block", "no_compliant_route", None)
+    assert "ONPREM" in d.reason and "not set on the proxy" in d.reason
+    d = decide_url(p, "https://res-global.openai.azure.com/openai/deployments/gpt4o/chat/"
+                   "completions", body={"messages": []}, tags=["eu"])
+    assert (d.verdict, d.route) == ("block", None) and "RES_EU_KEY" in d.reason

@@ -19,9 +19,9 @@ from types import SimpleNamespace
 import pytest
 from mitmproxy.proxy import mode_servers
 
-from residency_gate.config import load_config
+from residency_gate.catalog.config import load_config
+from residency_gate.catalog.source import InvalidSource
 from residency_gate.ops import workers
-from residency_gate.sourcefile import InvalidSource
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..sourcefile import InvalidSource
+from ..catalog.source import InvalidSource
 
 
-def _policy_or_exit(config: str | None):
-    from ..policy import load_policy
+def _bundle_or_exit(config: str | None):
+    from ..catalog.bundle import load_bundle
 
     try:
-        return load_policy(config)
+        return load_bundle(config)
     except InvalidSource as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -29,20 +29,27 @@ def _policy_or_exit(config: str | None):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    policy = _policy_or_exit(args.config)
-    catalog = policy.catalog
-    config = policy.config
+    from ..ops.embed import option_problems
+
+    bundle = _bundle_or_exit(args.config)
+    catalog, config = bundle.catalog, bundle.config
+    problems = option_problems(bundle)
+    if problems:
+        where = config.path or "<defaults>"
+        for problem in problems:
+            print(f"{where}:1: mitmproxy refuses the options: {problem}", file=sys.stderr)
+        return 1
     print(
-        f"ok: config {config.path or '(built-in defaults)'}; catalog {catalog.version}: "
-        f"{len(catalog.providers)} providers, {len(catalog.endpoints)} endpoints, "
-        f"{len(catalog.regions.names)} region names"
+        f"ok: config {config.path or '(built-in defaults)'} ({config.revision}); catalog "
+        f"{catalog.revision}: {len(catalog.providers)} providers, {len(catalog.endpoints)} "
+        f"endpoints, {len(catalog.regions.names)} region names"
     )
     return 0
 
 
 def request_from_args(args: argparse.Namespace):
-    """Turn `explain` arguments into the RequestInfo the proxy would build."""
-    from ..engine import RequestInfo
+    """Turn `explain` arguments into the Request the proxy would build."""
+    from ..core.request import Request
 
     url = args.url if "://" in args.url else f"https://{args.url}"
     parts = urlsplit(url)
@@ -65,7 +72,7 @@ def request_from_args(args: argparse.Namespace):
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return RequestInfo(
+    return Request(
         method=args.method.upper(),
         scheme=parts.scheme,
         host=parts.hostname,
@@ -79,20 +86,22 @@ def request_from_args(args: argparse.Namespace):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..engine import decide
-    from ..explain import render_text
+    from ..audit.record import decision_fields
+    from ..core.explain import render_text
 
-    policy = _policy_or_exit(args.config)
+    bundle = _bundle_or_exit(args.config)
     try:
         req = request_from_args(args)
     except (ValueError, OSError) as e:
         print(f"residency-gate explain: {e}", file=sys.stderr)
         return 2
-    decision = decide(policy, req)
-    if args.json:
-        print(json.dumps(decision.summary(policy), indent=2, sort_keys=True))
+    decision = bundle.decide(req)
+    if args.json:  # the decision record the proxy would write, and the evaluation's trace
+        out = decision_fields(decision, req, bundle.regions, bundle.revisions)
+        out["trace"] = list(decision.trace)
+        print(json.dumps(out, indent=2, sort_keys=True))
     else:
-        print(render_text(policy, req, decision))
+        print(render_text(bundle.regions, req, decision))
     return 1 if decision.verdict == "block" else 0
 
 
@@ -100,16 +109,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..ops.run import run
     from ..ops.workers import supervise, worker_index
 
-    policy = _policy_or_exit(args.config)
+    bundle = _bundle_or_exit(args.config)
     try:
         worker = worker_index()
     except ValueError as e:
         print(f"residency-gate run: {e}", file=sys.stderr)
         return 2
-    n = args.workers if args.workers is not None else policy.config.workers
+    n = args.workers if args.workers is not None else bundle.config.workers
     if worker is None and n > 1:
-        return supervise(policy, args.config, n)
-    return run(policy, config_arg=args.config)
+        return supervise(bundle, args.config, n)
+    return run(bundle, config_arg=args.config)
 
 
 def _workers_arg(value: str) -> int:
@@ -168,7 +177,7 @@ def _late_defaults(args: argparse.Namespace) -> None:
     """Subcommands that read files default to the config's directories."""
     if getattr(args, "command", None) not in ("audit", "ca"):
         return
-    from ..config import find_config, load_config
+    from ..catalog.config import find_config, load_config
 
     try:
         config = load_config(find_config(getattr(args, "config", None)))
@@ -178,7 +187,7 @@ def _late_defaults(args: argparse.Namespace) -> None:
     args.default_certs_dir = config.certs_dir
 
     def patterns() -> list[str]:
-        from ..catalog import load_catalog
+        from ..catalog.compile import load_catalog
 
         return load_catalog(config.catalog).host_patterns()
 

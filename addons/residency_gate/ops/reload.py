@@ -1,7 +1,7 @@
-"""Hot reload: SIGHUP or a changed file swaps in a new policy; a bad one is refused.
+"""Hot reload: SIGHUP or a changed file swaps in a new bundle; a bad one is refused.
 
 Loading happens in a worker thread (file I/O, schema validation); the swap is a
-single assignment on the event loop, so a request sees either the old policy or
+single assignment on the event loop, so a request sees either the old bundle or
 the new one, never a mix. Open connections are not touched.
 """
 
@@ -12,8 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from ..policy import load_policy
-from ..sourcefile import InvalidSource
+from ..audit.record import config_fields
+from ..catalog.bundle import load_bundle
+from ..catalog.source import InvalidSource
 
 log = logging.getLogger("residency_gate.reload")
 
@@ -33,12 +34,13 @@ class Reloader:
         self._stamps = self._snapshot()
 
     def _files(self) -> list[Path]:
-        policy = self.gate.policy
-        files = [Path(f) for f in policy.catalog.files]
-        if policy.config.path is not None:
-            files.append(Path(policy.config.path))
-        dirs = {f.parent for f in files}
-        return files + sorted(dirs)  # directories: a new provider file changes their mtime
+        bundle = self.gate.bundle
+        files = [Path(f) for f in bundle.catalog.files]
+        if bundle.config.path is not None:
+            files.append(Path(bundle.config.path))
+        # directories: a new provider file changes their mtime (also of a dir still empty)
+        dirs = {f.parent for f in files} | {Path(d) for d in bundle.catalog.dirs}
+        return files + sorted(dirs)
 
     def _snapshot(self) -> dict[str, float]:
         stamps = {}
@@ -77,9 +79,9 @@ class Reloader:
 
     async def reload(self) -> bool:
         loop = asyncio.get_running_loop()
-        old = self.gate.policy
+        old = self.gate.bundle
         try:
-            new = await loop.run_in_executor(None, load_policy, self.config_arg)
+            new = await loop.run_in_executor(None, load_bundle, self.config_arg)
         except InvalidSource as e:
             log.error("reload refused, the previous config and catalog keep serving:\n%s", e)
             self.metrics.reload_result(False)
@@ -91,9 +93,21 @@ class Reloader:
         for key in RESTART_ONLY:
             if getattr(old.config, key, None) != getattr(new.config, key, None):
                 log.warning("config key %r changed: takes effect after a restart", key)
-        self.gate.policy = new
-        self.metrics.set_catalog_version(new.catalog.version)
+        if new.revisions != old.revisions:
+            await self._record(new)  # first in the chain, then deciding under it
+        self.gate.bundle = new
+        self.metrics.set_catalog_version(new.catalog.revision)
         self.metrics.reload_result(True)
-        log.info("reloaded config and catalog %s", new.catalog.version)
+        log.info("reloaded config %s and catalog %s", new.config.revision, new.catalog.revision)
         self._stamps = await loop.run_in_executor(None, self._snapshot)
         return True
+
+    async def _record(self, bundle) -> None:
+        """A `config` record in the chain: decisions after it name these revisions."""
+        try:
+            async with asyncio.timeout(bundle.config.decision_timeout):
+                await self.gate.audit.append("config", config_fields(
+                    bundle.revisions, str(bundle.config.path) if bundle.config.path else None,
+                    bundle.catalog.files, "reload"))
+        except Exception as e:
+            log.critical("cannot record the reloaded config: %s", e)

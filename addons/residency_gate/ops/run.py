@@ -1,108 +1,33 @@
 """`residency-gate run`: mitmproxy embedded, our addon loaded, config already valid.
 
-Startup order matters for fail-closed: policy validated -> audit chain recovered
--> CA present -> listen. Shutdown flushes the audit log.
+Startup order matters for fail-closed: bundle validated -> audit chain recovered
+(and the config in force recorded) -> CA present -> listen. Shutdown flushes the
+audit log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
-from pathlib import Path
 
-import certifi
-from mitmproxy.options import Options
-from mitmproxy.tools.dump import DumpMaster
-
-from ..addon import Gate, ResidencyGate
-from ..audit.keys import load_or_create_signing_key
-from ..audit.writer import AuditWriter
-from ..audit.writer_process import ProcessAuditWriter
-from ..policy import Policy
+from ..audit.open import open_audit
+from ..audit.record import config_fields
+from ..catalog.bundle import Bundle
+from ..proxy.addon import ResidencyGate
+from ..proxy.interface import Gate
 from . import workers
+from .embed import CA_CERT, gate_master, mitmproxy_options
 from .logs import setup_logging
 from .metrics import METRICS
 from .reload import Reloader
 
 log = logging.getLogger("residency_gate")
 
-CA_CERT = "mitmproxy-ca-cert.pem"
 
-
-def upstream_trust_bundle(policy: Policy) -> Path | None:
-    """mitmproxy's trusted-CA option replaces the default roots; we add to them instead."""
-    extra = policy.config.upstream_ca
-    if extra is None:
-        return None
-    bundle = policy.config.certs_dir / "upstream-trust.pem"
-    data = Path(certifi.where()).read_bytes() + b"\n" + extra.read_bytes()
-    if not bundle.exists() or bundle.read_bytes() != data:
-        bundle.write_bytes(data)
-    return bundle
-
-
-def mitmproxy_options(policy: Policy) -> dict:
-    config = policy.config
-    opts: dict = {
-        "listen_host": config.listen[0],
-        "listen_port": config.listen[1],
-        "mode": [config.mode],
-        "confdir": str(config.certs_dir),
-        # Lazy: no upstream connection before our decision, so a refused request
-        # never even opens a TCP/TLS connection to the provider.
-        "connection_strategy": "lazy",
-    }
-    bundle = upstream_trust_bundle(policy)
-    if bundle is not None:
-        opts["ssl_verify_upstream_trusted_ca"] = str(bundle)
-    if config.proxy_auth:
-        opts["proxyauth"] = config.proxy_auth
-    return opts
-
-
-class NullAudit:
-    """Benchmark-only sink (RESIDENCY_GATE_BENCH_NO_AUDIT=1): measures the cost of auditing."""
-
-    healthy = True
-
-    def __init__(self) -> None:
-        self._seq = 0
-
-    async def append(self, kind: str, fields: dict) -> dict:
-        self._seq += 1
-        return {"id": f"bench:{self._seq}"}
-
-    async def close(self) -> None:
-        pass
-
-
-def open_audit(policy: Policy, origin: str | None = None
-               ) -> ProcessAuditWriter | AuditWriter | NullAudit:
-    """The audit writer, open. By default in its own process (signing, hashing and fsync
-    off the proxy's core); RESIDENCY_GATE_AUDIT_THREAD=1 keeps it on a thread in-process."""
-    if os.environ.get("RESIDENCY_GATE_BENCH_NO_AUDIT") == "1":
-        log.critical("RESIDENCY_GATE_BENCH_NO_AUDIT=1: NO AUDIT RECORDS ARE WRITTEN "
-                     "(benchmarking only; never run a real proxy like this)")
-        return NullAudit()
-    audit = policy.config.audit
-    key = load_or_create_signing_key(policy.config.certs_dir)
-    cls = AuditWriter if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1" \
-        else ProcessAuditWriter
-    writer = cls(
-        audit.dir, key, origin or audit.origin, fsync=audit.fsync,
-        rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
-        checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
-        anchor_file=audit.anchor,
-    )
-    writer.open()
-    return writer
-
-
-async def serve(policy: Policy, config_arg: str | None) -> int:
-    config = policy.config
+async def serve(bundle: Bundle, config_arg: str | None) -> int:
+    config = bundle.config
     config.certs_dir.mkdir(parents=True, exist_ok=True)
     ca_existed = (config.certs_dir / CA_CERT).exists()
     # `run --workers N`: this is worker i of N (see workers.py); None when single-process.
@@ -116,9 +41,16 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
         origin = workers.worker_origin(origin, worker)
         if admin_addr is not None:
             admin_addr = workers.worker_admin(admin_addr, worker)
-    writer = open_audit(policy, origin)
-    gate = Gate(policy=policy, audit=writer, metrics=METRICS)
-    METRICS.set_catalog_version(policy.catalog.version)
+    writer = open_audit(config.audit, config.certs_dir, origin)
+    gate = Gate(bundle=bundle, audit=writer, metrics=METRICS)
+    try:
+        await writer.append("config", config_fields(
+            bundle.revisions, str(config.path) if config.path else None, bundle.catalog.files,
+            "start"))
+    except Exception:
+        await writer.close()
+        raise
+    METRICS.set_catalog_version(bundle.catalog.revision)
     METRICS.open_connections.set(0)
 
     # The admin listener starts before mitmproxy's master exists: if its port is taken,
@@ -128,7 +60,7 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
         from .admin import AdminServer
 
         def ready() -> dict[str, bool | str]:
-            return {"catalog": gate.policy is not None, "audit": gate.audit.healthy}
+            return {"catalog": gate.bundle is not None, "audit": gate.audit.healthy}
 
         admin = AdminServer(admin_addr[0], admin_addr[1], METRICS.registry, ready)
         try:
@@ -139,9 +71,8 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
         log.info("admin listener on http://%s:%d (/healthz /readyz /metrics)",
                  admin_addr[0], admin.port)
 
-    master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
-    master.addons.add(ResidencyGate(gate))
-    master.options.update(**mitmproxy_options(policy))
+    master = gate_master(ResidencyGate(gate))
+    master.options.update(**mitmproxy_options(bundle))
 
     reloader = Reloader(gate, config_arg, METRICS)
     loop = asyncio.get_running_loop()
@@ -182,7 +113,7 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
         )
     if not run.done():
         log.info("residency-gate listening on %s:%d (mode %s), catalog %s, audit origin %s",
-                 config.listen[0], config.listen[1], config.mode, policy.catalog.version,
+                 config.listen[0], config.listen[1], config.mode, bundle.catalog.revision,
                  origin)
         if reuse_port is not None:
             if workers.listeners_reuse_port(master):
@@ -206,7 +137,7 @@ async def serve(policy: Policy, config_arg: str | None) -> int:
     return 1 if errored is not None and errored.has_errored else 0
 
 
-def _listening(master: DumpMaster) -> bool:
+def _listening(master) -> bool:
     proxyserver = master.addons.get("proxyserver")
     servers = getattr(proxyserver, "servers", None)
     try:
@@ -215,10 +146,10 @@ def _listening(master: DumpMaster) -> bool:
         return False
 
 
-def run(policy: Policy, config_arg: str | None = None) -> int:
-    setup_logging(policy.config.log_format, policy.config.log_level)
+def run(bundle: Bundle, config_arg: str | None = None) -> int:
+    setup_logging(bundle.config.log_format, bundle.config.log_level)
     try:
-        return asyncio.run(serve(policy, config_arg))
+        return asyncio.run(serve(bundle, config_arg))
     except KeyboardInterrupt:
         return 0
     except OSError as e:

@@ -500,7 +500,7 @@ def supervise(policy: Any, config_arg: str | None, n: int) -> int:
     # Create the CA and the audit key once, before the workers start in parallel.
     try:
         from ..audit.keys import load_or_create_signing_key
-        from ..cli.ca import load_or_create_ca
+        from .ca import load_or_create_ca
 
         config.certs_dir.mkdir(parents=True, exist_ok=True)
         load_or_create_ca(config.certs_dir)

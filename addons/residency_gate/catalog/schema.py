@@ -1,24 +1,22 @@
 """JSON Schema validation that reports located problems.
 
-The schemas themselves live in `catalog/schema/` so editors can use them too.
+The schemas live in the shipped catalog (`catalog/schema/`) so editors can use them too.
 """
 
 from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 
 import jsonschema
 
-from .sourcefile import Problem, SourceDoc
-
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "catalog" / "schema"
+from .data import schema_dir
+from .source import Problem, SourceDoc
 
 
 @cache
 def _validator(name: str) -> jsonschema.protocols.Validator:
-    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
+    schema = json.loads((schema_dir() / f"{name}.schema.json").read_text(encoding="utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)

@@ -43,6 +43,7 @@ class SourceDoc:
     file: str
     data: Any
     lines: dict[DocPath, int] = field(default_factory=dict)
+    raw: bytes = b""  # the bytes parsed: revisions hash exactly what was read
 
     def line(self, path: DocPath) -> int:
         """Line of the value at `path`, or of its nearest ancestor that has one."""
@@ -97,9 +98,9 @@ def _walk(
     return loader.construct_object(node, deep=True)
 
 
-def parse_yaml(text: str, file: str) -> SourceDoc:
+def parse_yaml(text: str, file: str, raw: bytes | None = None) -> SourceDoc:
     """Parse one YAML document; raise InvalidSource with located problems."""
-    doc = SourceDoc(file=file, data=None)
+    doc = SourceDoc(file=file, data=None, raw=text.encode() if raw is None else raw)
     problems: list[Problem] = []
     loader = _Loader(text)
     try:
@@ -122,7 +123,8 @@ def parse_yaml(text: str, file: str) -> SourceDoc:
 def load_yaml(path: Path) -> SourceDoc:
     """Read and parse a YAML file; unreadable files are problems too."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidSource([Problem(str(path), 1, f"cannot read: {e}")]) from None
-    return parse_yaml(text, str(path))
+    return parse_yaml(text, str(path), raw)

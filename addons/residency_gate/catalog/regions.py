@@ -1,93 +1,9 @@
-"""The region tree: every name a requirement or a catalog entry may use.
-
-A *place* is a leaf: an ISO-3166 alpha-2 country code in lower case, or
-`private` (inside the organisation's perimeter). Every other name (a group
-such as `eu`, a cloud region such as `aws:eu-central-1`) expands to a set of
-places once, at load time, so deciding is set arithmetic on frozensets.
-"""
+"""Compile regions.yaml into the core's RegionTree (names -> place sets, once per load)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from .sourcefile import Problem, SourceDoc
-
-PRIVATE = "private"
-GLOBAL = "global"
-
-type Places = frozenset[str]
-
-
-@dataclass(frozen=True)
-class AzureRegion:
-    """What an Azure resource's region implies for each deployment type."""
-
-    country: Places
-    geography: Places
-    data_zone: Places | None
-
-
-@dataclass
-class RegionTree:
-    """Names to place sets, plus the inverse used to describe sets to humans."""
-
-    countries: dict[str, str]
-    names: dict[str, Places] = field(default_factory=dict)
-    group_names: list[str] = field(default_factory=list)
-    clouds: dict[str, dict[str, Places]] = field(default_factory=dict)
-    azure: dict[str, AzureRegion] = field(default_factory=dict)
-    multi_regions: set[str] = field(default_factory=set)  # "gcp:eu": not one place's region
-    _descriptions: dict[Places, str] = field(default_factory=dict, repr=False)
-    _by_size: list[str] = field(default_factory=list, repr=False)
-
-    @property
-    def everywhere(self) -> Places:
-        return self.names[GLOBAL]
-
-    def expand(self, name: str) -> Places:
-        """Places a region name stands for; KeyError when the name is unknown."""
-        return self.names[name.strip().lower()]
-
-    def expand_all(self, names: list[str] | tuple[str, ...]) -> Places:
-        out: set[str] = set()
-        for name in names:
-            out |= self.expand(name)
-        return frozenset(out)
-
-    def knows(self, name: str) -> bool:
-        return name.strip().lower() in self.names
-
-    def describe(self, places: Places | None) -> str:
-        """Shortest honest name for a set of places: `eu`, `eu + ch`, `anywhere`.
-
-        Memoised: decisions describe the same few sets over and over."""
-        if places is None:
-            return "unknown"
-        found = self._descriptions.get(places)
-        if found is None:
-            found = self._describe(places)
-            if len(self._descriptions) < 10_000:
-                self._descriptions[places] = found
-        return found
-
-    def _describe(self, places: Places) -> str:
-        if not places:
-            return "nowhere"
-        if places >= self.everywhere - {PRIVATE}:
-            return "anywhere"
-        if not self._by_size:  # largest groups first, so `eea` wins over `eu` + is + li + no
-            self._by_size = sorted((g for g in self.group_names
-                                    if g != GLOBAL and len(self.names[g]) > 1),
-                                   key=lambda g: -len(self.names[g]))
-        rest = set(places)
-        parts: list[str] = []
-        for group in self._by_size:
-            members = self.names[group]
-            if members <= rest:
-                parts.append(group)
-                rest -= members
-        parts.extend(sorted(rest))
-        return " + ".join(parts)
+from ..core.places import GLOBAL, PRIVATE, AzureRegion, Places, RegionTree
+from .source import Problem, SourceDoc
 
 
 def build_region_tree(doc: SourceDoc) -> tuple[RegionTree, list[Problem]]:

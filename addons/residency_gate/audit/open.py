@@ -1,0 +1,49 @@
+"""Open the audit writer a running proxy uses, as the config says."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ..catalog.config import AuditConfig
+from .keys import load_or_create_signing_key
+from .writer import AuditWriter
+from .writer_process import ProcessAuditWriter
+
+log = logging.getLogger("residency_gate")
+
+
+class NullAudit:
+    """Benchmark-only sink (RESIDENCY_GATE_BENCH_NO_AUDIT=1): measures the cost of auditing."""
+
+    healthy = True
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    async def append(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        self._seq += 1
+        return {"id": f"bench:{self._seq}"}
+
+    async def close(self) -> None:
+        pass
+
+
+def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None
+               ) -> ProcessAuditWriter | AuditWriter | NullAudit:
+    """The audit writer, open. By default in its own process (signing, hashing and fsync
+    off the proxy's core); RESIDENCY_GATE_AUDIT_THREAD=1 keeps it on a thread in-process."""
+    if os.environ.get("RESIDENCY_GATE_BENCH_NO_AUDIT") == "1":
+        log.critical("RESIDENCY_GATE_BENCH_NO_AUDIT=1: NO AUDIT RECORDS ARE WRITTEN "
+                     "(benchmarking only; never run a real proxy like this)")
+        return NullAudit()
+    key = load_or_create_signing_key(certs_dir)
+    cls = AuditWriter if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1" \
+        else ProcessAuditWriter
+    writer = cls(audit.dir, key, origin or audit.origin, fsync=audit.fsync,
+                 rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
+                 checkpoint_every=audit.checkpoint_every,
+                 checkpoint_seconds=audit.checkpoint_seconds, anchor_file=audit.anchor)
+    writer.open()
+    return writer

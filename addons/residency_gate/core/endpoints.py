@@ -1,0 +1,133 @@
+"""The compiled catalog: providers, their endpoints, and host lookup.
+
+Built once per load by `catalog.compile`; a lookup is an exact-host dict hit or
+a few regexes indexed by the host's last two labels, never a scan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from .apis import FALLBACK, Api
+from .extract import Extractor
+from .locate import Locator
+from .places import RegionTree
+
+
+def normalise_host(host: str) -> str:
+    """Hosts compare lower-case without a trailing dot (`API.OpenAI.com.` is api.openai.com)."""
+    return host.strip().rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class Provider:
+    id: str
+    name: str
+    api: Api
+    source: str
+    reviewed: str
+    file: str
+
+
+@dataclass(frozen=True)
+class RerouteSpec:
+    """How a request to an endpoint may be rewritten to a compliant one (catalog `reroute`)."""
+
+    strategy: str  # host | vertex_location | body_field | azure_deployment | never
+    to: tuple[str, ...] = ()
+    reason: str = ""
+    availability: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def offers(self, value: str | None, model: str | None) -> bool:
+        """Is `model` offered where `value` (region, location, geo) points?
+
+        No availability data: the provider offers the same models everywhere. Once a
+        provider's availability is declared, an unlisted place offers nothing we can prove.
+        """
+        if not self.availability or model is None:
+            return True
+        patterns = self.availability.get((value or "").lower())
+        if patterns is None:
+            return False
+        return any(fnmatchcase(model.lower(), p.lower()) for p in patterns)
+
+
+NO_REROUTE = RerouteSpec("never")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    provider: Provider
+    id: str
+    name: str
+    hosts: tuple[str, ...]
+    model: tuple[Extractor, ...]
+    locator: Locator
+    note: str
+    source: str
+    reviewed: str
+    reroute: RerouteSpec = NO_REROUTE
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider.id}/{self.id}"
+
+    @property
+    def api(self) -> Api:
+        return self.provider.api
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    pattern: str
+    regex: re.Pattern[str]
+    labels: tuple[str, ...]
+    endpoint: Endpoint
+
+
+type Match = tuple[Endpoint, dict[str, str]]
+
+
+@dataclass
+class Catalog:
+    """Compiled catalog: regions, wire formats, providers, and fast host lookup."""
+
+    regions: RegionTree
+    apis: dict[str, Api]
+    providers: dict[str, Provider]
+    endpoints: list[Endpoint]
+    exact: dict[str, Endpoint]
+    patterns: dict[str, list[HostPattern]]  # keyed by the host's last two labels
+    revision: str  # hash of every file's name and bytes
+    files: list[str]
+    dirs: list[str] = field(default_factory=list)  # watched for new files (hot reload)
+
+    def match(self, host: str) -> Match | None:
+        """The endpoint a host belongs to, with its captures; None for non-LLM hosts."""
+        host = normalise_host(host)
+        endpoint = self.exact.get(host)
+        if endpoint is not None:
+            return endpoint, {}
+        labels = host.split(".")
+        for candidate in self.patterns.get(".".join(labels[-2:]), ()):
+            if len(candidate.labels) == len(labels):
+                m = candidate.regex.fullmatch(host)
+                if m:
+                    return candidate.endpoint, m.groupdict()
+        return None
+
+    def is_llm(self, host: str) -> bool:
+        return bool(host) and self.match(host) is not None
+
+    def api_of(self, host: str) -> Api:
+        """The wire format refusals to `host` use (OpenAI-compatible when unknown)."""
+        matched = self.match(host) if host else None
+        if matched is not None:
+            return matched[0].api
+        return self.apis.get("openai", FALLBACK)
+
+    def host_patterns(self) -> list[str]:
+        return sorted({h for e in self.endpoints for h in e.hosts})

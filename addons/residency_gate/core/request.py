@@ -1,0 +1,116 @@
+"""The request as the proxy will send it, and what locators may read of it.
+
+`Request` is built by the proxy from a flow (or by `explain` from its arguments):
+the host is the one the proxy will connect to, after the destination checks.
+`RequestView` is the read-only face locators and extractors see, with the JSON
+body parsed lazily and at most once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+_MISSING = object()
+
+
+class BodyError(ValueError):
+    """The request body is needed for the decision but cannot be read as JSON."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as the proxy will send it: the destination is what we connect to."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # raw, may include the query string
+    tag_values: Sequence[str] = ()
+    body: bytes | None = None
+    client_ip: str | None = None
+    user: str | None = None
+    signed: bool = False  # SigV4: host, path and body must not be rewritten
+    body_error: str | None = None  # the body could not be decoded (Content-Encoding)
+
+    @property
+    def url(self) -> str:
+        """scheme://host[:port]/path, without the query string (records never hold it)."""
+        default = 443 if self.scheme == "https" else 80
+        port = "" if self.port in (default, 0) else f":{self.port}"
+        return f"{self.scheme}://{self.host}{port}{self.path.split('?', 1)[0]}"
+
+
+@dataclass(frozen=True)
+class AzureResource:
+    """An operator-declared Azure OpenAI / Foundry resource (config `azure.resources`)."""
+
+    name: str
+    region: str
+    deployments: Mapping[str, str]
+
+
+@dataclass
+class RequestView:
+    """What extractors and locators may read of one request; JSON parsed lazily, once."""
+
+    host: str
+    path: str  # without the query string
+    query: str
+    body: bytes | None
+    captures: dict[str, str] = field(default_factory=dict)
+    azure: Mapping[str, AzureResource] = field(default_factory=dict)
+    body_error: str | None = None
+    reads: dict[str, Any] = field(default_factory=dict)  # what the decision read: replayable
+    _json: Any = _MISSING
+
+    def json(self) -> Any:
+        if self.body_error:
+            raise BodyError(self.body_error)
+        if self._json is _MISSING:
+            if not self.body or not self.body.strip():
+                self._json = None
+            else:
+                try:
+                    self._json = json.loads(self.body)
+                except (ValueError, UnicodeDecodeError) as e:
+                    self._json = BodyError(f"request body is not valid JSON ({e})")
+        if isinstance(self._json, BodyError):
+            raise self._json
+        return self._json
+
+    def body_value(self, dotted: tuple[str, ...]) -> Any:
+        value = self.json()
+        for part in dotted:
+            if not isinstance(value, dict):
+                value = None
+                break
+            value = value.get(part)
+        self.reads["body:" + ".".join(dotted)] = _scalar(value)
+        return value
+
+    def query_param(self, name: str) -> str | None:
+        found = None
+        for key, value in parse_qsl(self.query, keep_blank_values=True):
+            if key == name:
+                found = value
+                break
+        self.reads["query:" + name] = found
+        return found
+
+
+def _scalar(value: Any) -> Any:
+    """What a record keeps of a value read: scalars as they are, containers by their type
+    (locators only ever read short identifiers; never keep a structure that could hold a
+    prompt)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value[:256]
+    if isinstance(value, int) and abs(value) < 2**53:
+        return value
+    return f"<{type(value).__name__}>"

@@ -1,0 +1,139 @@
+"""The sentences a developer reads: one place, so every refusal says what to change."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .places import RegionTree
+
+if TYPE_CHECKING:
+    from .endpoints import Endpoint
+    from .locate import Location
+    from .policy import Policy
+    from .requirement import Requirement
+    from .reroute import Route
+
+NOTHING_FORWARDED = "Nothing was forwarded."
+
+
+def not_llm(host: str) -> str:
+    return f"{host} is not an LLM API host in the catalog"
+
+
+def unknown_tag(tag: str, policy: Policy, host: str) -> str:
+    zones = sorted(policy.requirements.zones)
+    hint = f" ({', '.join(zones)})" if zones else ""
+    return (f"Unknown residency tag {tag!r} in header {policy.header}. Use a region (a country "
+            f"code such as 'de'), a group such as 'eu' or 'eea', or a zone the operator "
+            f"defined{hint}. Nothing was sent to {host}.")
+
+
+def no_requirement_unreadable(error: Exception) -> str:
+    return f"No residency requirement applies ({error}; not inspected further)."
+
+
+def bad_body(requirement: Requirement, host: str, error: Exception) -> str:
+    return (f"Refused: a residency requirement (from {requirement.describe()}) applies and the "
+            f"request to {host} cannot be classified because its {error}. Send a valid JSON "
+            "body.")
+
+
+def empty_requirement(requirement: Requirement) -> str:
+    return (f"Blocked: the residency requirement is empty: {requirement.describe()} have no "
+            "place in common, so no destination can satisfy it. Remove the conflicting tag.")
+
+
+def _where(endpoint: Endpoint, host: str) -> str:
+    return f"{host} ({endpoint.provider.name}, {endpoint.name})"
+
+
+def compliant(regions: RegionTree, endpoint: Endpoint, host: str, location: Location,
+              requirement: Requirement) -> str:
+    d = regions.describe
+    storage = "" if location.storage == location.processing else " / " + d(location.storage)
+    return (f"Allowed: {_where(endpoint, host)} processes and stores in "
+            f"{d(location.processing)}{storage}, inside {d(requirement.places)} "
+            f"(from {requirement.describe()}).")
+
+
+def violation(regions: RegionTree, endpoint: Endpoint, host: str, location: Location,
+              requirement: Requirement) -> str:
+    """What is wrong with the destination, as the middle of a sentence."""
+    d = regions.describe
+    where = _where(endpoint, host)
+    if location.places is None:
+        return f"the processing place of this request to {where} is unknown: {location.detail}"
+    outside_places = location.places - requirement.places
+    outside = (d(outside_places) if len(outside_places) <= 8
+               else f"{len(outside_places)} places outside it")
+    stored = ("" if location.storage == location.processing
+              else f" and store it in {d(location.storage)}")
+    return (f"{where} may process this request in {d(location.processing)}{stored} "
+            f"({location.detail}), which includes {outside}")
+
+
+def rerouted(regions: RegionTree, requirement: Requirement, what: str, route: Route) -> str:
+    d = regions.describe
+    return (f"Rerouted: requirement {d(requirement.places)} (from {requirement.describe()}); "
+            f"{what}. Sent instead to {route.url} ({route.description}), which processes in "
+            f"{d(route.location.processing)}.")
+
+
+def blocked(regions: RegionTree, endpoint: Endpoint, requirement: Requirement, what: str,
+            no_route: str, advice: tuple[str, ...]) -> str:
+    fix = ("To comply: " + "; or ".join(advice) + "." if advice
+           else f"No {endpoint.provider.name} endpoint in the catalog satisfies it.")
+    note = f" Note: {endpoint.note}" if endpoint.note else ""
+    return (f"Blocked by residency policy: requirement {regions.describe(requirement.places)} "
+            f"(from {requirement.describe()}), but {what}.{no_route} {fix}{note}")
+
+
+# ---------------------------------------------------------------- refusals before a comparison
+
+
+def fronting_disagree(names: list[str]) -> str:
+    return f"Host header and TLS SNI disagree ({', '.join(names)})."
+
+
+def fronting_unresolved(name: str, address: str) -> str:
+    return (f"{name} does not resolve to {address}, the address this connection goes to; "
+            "refused (domain fronting).")
+
+
+def fronting_behind(others: list[str], target: str) -> str:
+    return (f"Request names {', '.join(others)} but goes to {target}; refused (domain "
+            "fronting).")
+
+
+def fronting_named(target: str, others: list[str]) -> str:
+    return (f"Request goes to {target} but names {', '.join(others)} in its Host header or TLS "
+            "SNI; refused (domain fronting). Send it to the host you mean, through the proxy.")
+
+
+def too_large(limit: int) -> str:
+    return (f"Request body larger than {limit} bytes (limits.request_body_bytes); "
+            f"residency-gate cannot classify it and refused it. {NOTHING_FORWARDED}")
+
+
+def bad_content_length() -> str:
+    return "Invalid Content-Length header; refused."
+
+
+def internal_error(what: str) -> str:
+    return (f"residency-gate could not decide on this request ({what}) and refused it; "
+            "nothing was forwarded.")
+
+
+def audit_unavailable() -> str:
+    return ("The residency audit trail cannot be written; residency-gate refuses LLM traffic "
+            f"until it can. {NOTHING_FORWARDED}")
+
+
+def decision_timeout(seconds: float) -> str:
+    return (f"residency-gate could not decide on and record this request within {seconds:g}s "
+            "(limits.decision_timeout_seconds) and refused it; nothing was forwarded.")
+
+
+def key_missing(host: str, env: str) -> str:
+    return (f"the compliant endpoint {host} needs a key from environment variable {env}, "
+            "which is not set on the proxy")

@@ -1,0 +1,103 @@
+"""Connection-level hooks: which TLS to intercept, raw streams, and `resolve`.
+
+  tls_clienthello  -> intercept only catalog hosts (by CONNECT target or SNI); tunnel the rest
+  tcp_start        -> raw (non-HTTP) streams to an LLM host are killed, never relayed
+  server_connect   -> connect where `resolve` says, SNI and certificate still on the host name
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import connection, tcp, tls
+from mitmproxy.proxy import server_hooks
+
+from ..core.admission import is_ip
+from .interface import GateHolder
+
+log = logging.getLogger("residency_gate")
+
+
+class Interception:
+    """Intercept LLM hosts only; everything else keeps its own TLS, untouched."""
+
+    def __init__(self, owner: GateHolder) -> None:
+        self.owner = owner  # the gate is swapped in later under mitmdump
+
+    @property
+    def gate(self):
+        return self.owner.gate
+
+    def client_connected(self, client: connection.Client) -> None:
+        if self.gate is not None and self.gate.metrics:
+            self.gate.metrics.open_connections.inc()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        if self.gate is not None and self.gate.metrics:
+            self.gate.metrics.open_connections.dec()
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Intercept when the CONNECT target or the SNI is an LLM host; tunnel the rest."""
+        try:
+            catalog = self.gate.bundle.catalog
+            target = data.context.server.address[0] if data.context.server.address else ""
+            sni = data.client_hello.sni or ""
+            intercept = catalog.is_llm(target) or catalog.is_llm(sni)
+        except Exception:
+            log.exception("cannot classify TLS connection; intercepting it (fail closed)")
+            intercept = True
+        data.ignore_connection = not intercept
+        if self.gate is not None and self.gate.metrics:
+            self.gate.metrics.flows.labels(kind="intercepted" if intercept else "tunnelled").inc()
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """Non-HTTP bytes inside an intercepted LLM tunnel would be relayed undecided: kill."""
+        try:
+            catalog = self.gate.bundle.catalog
+            names = (flow.server_conn.address[0] if flow.server_conn.address else "",
+                     flow.client_conn.sni or "")
+            if not any(catalog.is_llm(n) for n in names):
+                return
+        except Exception:
+            log.exception("cannot classify a raw TCP flow; killing it (fail closed)")
+        log.warning("refused a non-HTTP stream to %s (only HTTP is decided on)",
+                    flow.server_conn.address)
+        flow.kill()
+
+
+class Resolve:
+    """`resolve`: connect elsewhere (private links, split DNS, tests), keep SNI and
+    certificate checks on the name."""
+
+    def __init__(self, owner: GateHolder) -> None:
+        self.owner = owner
+        self._resolved: dict[str, tuple] = {}  # server connection id -> name it was opened for
+
+    @property
+    def gate(self):
+        return self.owner.gate
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if not data.server.address or self.gate is None:
+            return
+        host, port = data.server.address[0], data.server.address[1]
+        resolve = self.gate.bundle.config.resolve
+        target = resolve.get(f"{host.lower()}:{port}") or resolve.get(host.lower().rstrip("."))
+        if target:
+            if data.server.sni is None and not is_ip(host):
+                data.server.sni = host
+            self._resolved[data.server.id] = data.server.address
+            data.server.address = target
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Give a resolved connection its name back: mitmproxy reuses upstream connections
+        by address, and caps them at 5 per address, so a connection left under the IP is
+        never reused and a keep-alive client stalls on its 6th request."""
+        original = self._resolved.pop(data.server.id, None)
+        if original is not None:
+            # mitmproxy refuses address changes on open connections (to keep reuse honest);
+            # the name this connection was opened for is the honest key, so set it directly.
+            object.__setattr__(data.server, "address", original)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self._resolved.pop(data.server.id, None)
