@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 __all__ = ["AdminServer"]
 
@@ -239,7 +239,7 @@ class AdminServer:
         return status, json.dumps(body, sort_keys=True) + "\n", "application/json"
 
     async def _metrics(self) -> tuple[int, str, str]:
-        return 200, self.registry.render(), METRICS_CONTENT_TYPE
+        return 200, generate_latest(self.registry).decode(), CONTENT_TYPE_PLAIN_0_0_4
 
     async def _send(
         self,
