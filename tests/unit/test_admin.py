@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from prometheus_client import CollectorRegistry, Counter
+
 from residency_gate.ops.admin import AdminServer
-from residency_gate.ops.metrics import Registry
 
 
 async def raw(port: int, data: bytes, *, half_close: bool = True, timeout: float = 5) -> bytes:
@@ -36,8 +37,8 @@ async def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str,
 
 def serve(checks=lambda: {"catalog": True, "audit": True}, registry=None, **kw):
     if registry is None:
-        registry = Registry()
-        registry.counter("demo_total", "Demo.").inc(3)
+        registry = CollectorRegistry()
+        Counter("demo_total", "Demo.", registry=registry).inc(3)
     return AdminServer("127.0.0.1", 0, registry, checks, **kw)
 
 
@@ -113,7 +114,7 @@ def test_metrics_is_prometheus_text():
             status, headers, body = await get(srv.port, "/metrics?x=1")
             assert status == 200
             assert headers["content-type"].startswith("text/plain; version=0.0.4")
-            assert b"# TYPE demo_total counter\ndemo_total 3\n" in body
+            assert b"# TYPE demo_total counter\ndemo_total 3.0\n" in body
             assert int(headers["content-length"]) == len(body)
 
     run(main())
@@ -209,7 +210,7 @@ def test_connection_limit_and_stop_closes_idle_connections():
 
 def test_metrics_render_error_is_500_and_server_survives():
     class Broken:
-        def render(self) -> str:
+        def collect(self):
             raise RuntimeError("bad registry")
 
     async def main():

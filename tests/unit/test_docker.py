@@ -111,14 +111,15 @@ def healthcheck_command() -> list[str]:
 
 
 def test_healthcheck_command_against_a_real_admin_listener():
+    from prometheus_client import CollectorRegistry
+
     from residency_gate.ops.admin import AdminServer
-    from residency_gate.ops.metrics import Registry
 
     cmd = healthcheck_command()
     assert cmd[0] == "python"
     cmd[0] = sys.executable
     loop = asyncio.new_event_loop()
-    srv = AdminServer("127.0.0.1", 0, Registry(), lambda: {"ok": True})
+    srv = AdminServer("127.0.0.1", 0, CollectorRegistry(), lambda: {"ok": True})
     loop.run_until_complete(srv.start())
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()

@@ -1,4 +1,4 @@
-"""The `--workers N` pieces without a real proxy: the SO_REUSEPORT shim, the
+"""The `--workers N` pieces without a real proxy: the SO_REUSEPORT loop and probe, the
 supervisor's restart / give-up / signal forwarding (with tiny fake children),
 preflight checks and the config key."""
 
@@ -17,41 +17,80 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from mitmproxy.proxy import mode_servers
 
 from residency_gate.catalog.config import load_config
 from residency_gate.catalog.source import InvalidSource
 from residency_gate.ops import workers
 
 
-@pytest.fixture
-def restore_mode_servers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mode_servers, "asyncio", asyncio)
+async def _handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.close()
 
 
-def test_reuse_port_shim_only_for_mitmproxy_listeners(restore_mode_servers: None) -> None:
-    shim = workers.install_reuse_port()
-    assert workers.install_reuse_port() is shim  # idempotent
-    assert mode_servers.asyncio is shim
-    assert asyncio.start_server.__module__ == "asyncio.streams"  # asyncio itself untouched
+def _reuseport(server: asyncio.Server) -> bool:
+    return all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in server.sockets)
+
+
+def test_worker_loop_shares_listen_ports_and_the_probe_sees_it() -> None:
+    """On a worker's loop, mitmproxy's way of listening (asyncio.start_server) shares the
+    port; an explicit reuse_port=False (the admin listener) does not; the probe tells them
+    apart. asyncio itself is not patched."""
 
     async def main() -> None:
-        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        assert isinstance(asyncio.get_running_loop(), workers.ReusePortLoop)
+        first = await asyncio.start_server(_handler, "127.0.0.1", 0)
+        addr = first.sockets[0].getsockname()
+        second = await asyncio.start_server(_handler, "127.0.0.1", addr[1])
+        assert _reuseport(first) and _reuseport(second)
+        assert workers.listen_port_shared([addr])
+        with pytest.raises(OSError):  # a listener like the admin one cannot share it
+            await asyncio.start_server(_handler, "127.0.0.1", addr[1], reuse_port=False)
+        plain = await asyncio.start_server(_handler, "127.0.0.1", 0, reuse_port=False)
+        assert not _reuseport(plain)
+        assert not workers.listen_port_shared([addr, plain.sockets[0].getsockname()])
+        assert not workers.listen_port_shared([])
+        # the probe took no share: every connection still reaches a listener
+        for _ in range(20):
+            _, w = await asyncio.open_connection(*addr)
             w.close()
-
-        first = await mode_servers.asyncio.start_server(handler, "127.0.0.1", 0)
-        port = first.sockets[0].getsockname()[1]
-        second = await mode_servers.asyncio.start_server(handler, "127.0.0.1", port)
-        for s in (first, second):
-            assert s.sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
-        with pytest.raises(OSError):  # a plain listener (like the admin one) cannot share it
-            await asyncio.start_server(handler, "127.0.0.1", port)
-        for s in (first, second):
+        for s in (first, second, plain):
             s.close()
             await s.wait_closed()
 
+    asyncio.run(main(), loop_factory=workers.ReusePortLoop)
+    assert asyncio.start_server.__module__ == "asyncio.streams"
+
+
+def test_default_loop_does_not_share_ports() -> None:
+    async def main() -> None:
+        first = await asyncio.start_server(_handler, "127.0.0.1", 0)
+        addr = first.sockets[0].getsockname()
+        assert not _reuseport(first)
+        assert not workers.listen_port_shared([addr])
+        first.close()
+        await first.wait_closed()
+
     asyncio.run(main())
-    assert shim.servers_started == 2
+
+
+def test_loop_factory_only_in_a_worker_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    assert workers.loop_factory() is None
+    monkeypatch.setenv(workers.WORKER_ENV, "1")
+    assert workers.loop_factory() is workers.ReusePortLoop
+
+
+def test_admin_listener_never_shares_its_port_on_a_worker_loop() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from residency_gate.ops.admin import AdminServer
+
+    async def main() -> None:
+        async with AdminServer("127.0.0.1", 0, CollectorRegistry(), dict) as first:
+            with pytest.raises(OSError):
+                await AdminServer("127.0.0.1", first.port, CollectorRegistry(), dict).start()
+
+    asyncio.run(main(), loop_factory=workers.ReusePortLoop)
 
 
 def test_worker_env_origin_admin(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,11 @@
-"""The admin listener: /healthz, /readyz and Prometheus /metrics.
+"""The admin listener: /healthz, /readyz and Prometheus /metrics on asyncio streams.
 
-A deliberately small HTTP/1.1 server on asyncio streams (no extra dependency).
-One request per connection (``Connection: close``), GET and HEAD only, bounded
-request size, per-connection timeouts and a cap on concurrent connections. Any
-error while serving a client is logged at debug level and the connection is
-closed; nothing propagates into the event loop.
-
-``ready_checks()`` returns ``{name: value}``. A check passes when its value is
-``True``; ``False`` or a string (the reason) means it fails. It may also be a
-coroutine function. /readyz answers 200 with every check when all pass, else
-503 naming the failing ones.
+One request per connection, GET and HEAD only. A bounded request head, a read timeout
+and a cap on concurrent connections limit what a bad client costs; an error serving one
+closes its connection only, nothing propagates into the event loop. ``ready_checks()``
+(plain or coroutine function) returns ``{name: True | False | "reason"}``; /readyz is
+503 naming the failing checks. ``reuse_port=False`` is explicit: worker processes make
+SO_REUSEPORT the default (workers.py), and an admin port must never be shared.
 """
 
 from __future__ import annotations
@@ -19,10 +15,12 @@ import contextlib
 import inspect
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
 
 __all__ = ["AdminServer"]
 
@@ -30,93 +28,58 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 8192  # request line + headers
 MAX_CONNECTIONS = 64
-READ_TIMEOUT = 5.0  # whole request head must arrive within this
-WRITE_TIMEOUT = 5.0
-CHECK_TIMEOUT = 5.0
+READ_TIMEOUT = WRITE_TIMEOUT = CHECK_TIMEOUT = 5.0  # seconds (read: the whole head)
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
+Checks = dict[str, bool | str]
+Response = tuple[int, str, str, dict[str, str]]  # status, body, content type, extra headers
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def _text(status: int, body: str, **headers: str) -> Response:
+    return status, body + "\n", "text/plain; charset=utf-8", headers
+
+
+class _Refuse(Exception):
+    """_Refuse(response): the request is answered with it, not routed."""
 
 
 class AdminServer:
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        registry: Any,
-        ready_checks: Callable[[], dict[str, bool | str]],
-        *,
-        read_timeout: float = READ_TIMEOUT,
-        max_connections: int = MAX_CONNECTIONS,
-    ) -> None:
-        self.host = host
-        self._requested_port = port
-        self.registry = registry
-        self.ready_checks = ready_checks
-        self.read_timeout = read_timeout
-        self.max_connections = max_connections
+    def __init__(self, host: str, port: int, registry: Collector,
+                 ready_checks: Callable[[], Checks | Awaitable[Checks]], *,
+                 read_timeout: float = READ_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.host, self._requested_port = host, port
+        self.registry, self.ready_checks = registry, ready_checks
+        self.read_timeout, self.max_connections = read_timeout, max_connections
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task] = set()
-
-    # lifecycle -----------------------------------------------------------
+        self._clients: set[asyncio.Task] = set()
 
     @property
     def port(self) -> int:
         """The port actually listened on (the requested one until started)."""
-        if self._server is not None and self._server.sockets:
-            return self._server.sockets[0].getsockname()[1]
-        return self._requested_port
+        socks = self._server.sockets if self._server is not None else ()
+        return socks[0].getsockname()[1] if socks else self._requested_port
 
     @property
     def url(self) -> str:
-        host = self.host if ":" not in self.host else f"[{self.host}]"
-        if host in ("0.0.0.0", "[::]", ""):
-            host = "127.0.0.1"
-        return f"http://{host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
 
     async def start(self) -> None:
-        if self._server is not None:
-            return
-        self._server = await asyncio.start_server(
-            self._handle,
-            host=self.host or None,
-            port=self._requested_port,
-            limit=MAX_REQUEST_HEAD,
-            reuse_address=True,
-        )
-        log.debug("admin listener on %s", self.url)
+        if self._server is None:
+            self._server = await asyncio.start_server(
+                self._handle, self.host or None, self._requested_port,
+                limit=MAX_REQUEST_HEAD, reuse_address=True, reuse_port=False)
 
     async def stop(self) -> None:
+        """Stop listening and close every client connection (idempotent)."""
         server, self._server = self._server, None
         if server is None:
             return
         server.close()
-        for w in list(self._writers):
-            with contextlib.suppress(Exception):
-                w.close()
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=2.0)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
+        for task in self._clients:
+            task.cancel()
+        if self._clients:
+            await asyncio.wait(self._clients, timeout=2.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2.0)
 
@@ -127,149 +90,88 @@ class AdminServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # serving -------------------------------------------------------------
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= self.max_connections:
-            with contextlib.suppress(Exception):
-                writer.close()
-            return
-        self._writers.add(writer)
         task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        if task is None or len(self._clients) >= self.max_connections:
+            writer.close()  # over the cap: closed without an answer
+            return
+        self._clients.add(task)
+        method = "GET"
         try:
             try:
                 async with asyncio.timeout(self.read_timeout):
-                    method, path = await self._read_head(reader)
+                    method, path = await _read_request(reader)
+                status, body, ctype, extra = await self._route(method, path)
             except TimeoutError:
-                await self._send(writer, 408, "request timeout\n", head_only=False)
-                return
-            except _BadRequest as e:
-                await self._send(writer, e.status, f"{e}\n", head_only=False)
-                return
-            status, body, ctype, extra = await self._route(method, path)
-            await self._send(writer, status, body, ctype, extra, head_only=method == "HEAD")
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            # a leaf task: end quietly (re-raising makes asyncio log the cancelled
-            # connection callback as an error on some Python versions)
-            pass
-        except Exception:  # never into the loop
+                status, body, ctype, extra = _text(408, "request timeout")
+            except _Refuse as e:
+                status, body, ctype, extra = e.args[0]
+            payload = body.encode()
+            head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {ctype}",
+                    f"Content-Length: {len(payload)}", "Cache-Control: no-store",
+                    "Connection: close", *(f"{k}: {v}" for k, v in extra.items())]
+            writer.write("\r\n".join(head).encode() + b"\r\n\r\n"
+                         + (b"" if method == "HEAD" else payload))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client left, or stop(): a leaf task ends quietly
+        except Exception:
             log.debug("admin listener: error serving a client", exc_info=True)
         finally:
-            self._writers.discard(writer)
-            self._tasks.discard(task)  # type: ignore[arg-type]
-            with contextlib.suppress(Exception):
-                writer.close()
+            self._clients.discard(task)
+            writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
-        """Read the request line and headers (CRLF or bare LF); headers are ignored."""
-        lines: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                raw = await reader.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                raise _BadRequest(431, "request head too large") from None
-            size += len(raw)
-            if size > MAX_REQUEST_HEAD:
-                raise _BadRequest(431, "request head too large")
-            if not raw.endswith(b"\n"):  # EOF before the end of the head
-                if not lines and not raw:
-                    raise ConnectionResetError("client closed")
-                raise _BadRequest(400, "incomplete request")
-            if raw in (b"\r\n", b"\n"):
-                if lines:
-                    break
-                continue  # tolerate leading empty lines (RFC 9112 2.2)
-            lines.append(raw)
-        line = lines[0].rstrip(b"\r\n")
-        try:
-            text = line.decode("ascii")
-        except UnicodeDecodeError:
-            raise _BadRequest(400, "bad request line") from None
-        parts = text.split(" ")
-        if len(parts) != 3 or not parts[0].isalpha():
-            raise _BadRequest(400, "bad request line")
-        method, target, version = parts
-        if not version.startswith("HTTP/1."):
-            raise _BadRequest(505, "HTTP/1.x only")
-        if target.startswith(("http://", "https://")):  # absolute-form
-            rest = target.split("://", 1)[1]
-            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        path = target.split("?", 1)[0].split("#", 1)[0]
-        return method.upper(), path
-
-    async def _route(self, method: str, path: str) -> tuple[int, str, str, dict[str, str]]:
-        routes = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
-        handler = routes.get(path.rstrip("/") or path)
-        if handler is None:
-            return 404, "not found\n", "text/plain; charset=utf-8", {}
+    async def _route(self, method: str, path: str) -> Response:
+        path = path.rstrip("/") or path
+        if path not in ("/healthz", "/readyz", "/metrics"):
+            return _text(404, "not found")
         if method not in ("GET", "HEAD"):
-            return 405, "method not allowed\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"}
+            return _text(405, "method not allowed", Allow="GET, HEAD")
         try:
-            status, body, ctype = await handler()
+            if path == "/metrics":
+                return 200, generate_latest(self.registry).decode(), CONTENT_TYPE_PLAIN_0_0_4, {}
+            return await self._readyz() if path == "/readyz" else _text(200, "ok")
         except Exception as e:
             log.warning("admin listener: %s failed: %s", path, e)
-            return 500, "internal error\n", "text/plain; charset=utf-8", {}
-        return status, body, ctype, {}
+            return _text(500, "internal error")
 
-    async def _healthz(self) -> tuple[int, str, str]:
-        return 200, "ok\n", "text/plain; charset=utf-8"
-
-    async def _readyz(self) -> tuple[int, str, str]:
+    async def _readyz(self) -> Response:
         try:
             result = self.ready_checks()
             if inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, CHECK_TIMEOUT)
-            checks = {str(k): _check_value(v) for k, v in dict(result).items()}
+            checks = {str(k): v if isinstance(v, bool | str) else bool(v)
+                      for k, v in dict(result).items()}
         except Exception as e:
             checks = {"ready_checks": f"error: {type(e).__name__}: {e}"}
         failing = {k: v for k, v in checks.items() if v is not True}
-        if failing:
-            body = {"ready": False, "failing": failing, "checks": checks}
-            status = 503
-        else:
-            body = {"ready": True, "checks": checks}
-            status = 200
-        return status, json.dumps(body, sort_keys=True) + "\n", "application/json"
-
-    async def _metrics(self) -> tuple[int, str, str]:
-        return 200, self.registry.render(), METRICS_CONTENT_TYPE
-
-    async def _send(
-        self,
-        writer: asyncio.StreamWriter,
-        status: int,
-        body: str,
-        ctype: str = "text/plain; charset=utf-8",
-        extra: dict[str, str] | None = None,
-        *,
-        head_only: bool,
-    ) -> None:
-        payload = body.encode("utf-8")
-        headers = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
-            f"Content-Type: {ctype}",
-            f"Content-Length: {len(payload)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-        ]
-        headers += [f"{k}: {v}" for k, v in (extra or {}).items()]
-        data = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii")
-        if not head_only:
-            data += payload
-        writer.write(data)
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        doc = {"ready": not failing, **({"failing": failing} if failing else {}), "checks": checks}
+        body = json.dumps(doc, sort_keys=True) + "\n"
+        return 503 if failing else 200, body, "application/json", {}
 
 
-def _check_value(v: object) -> bool | str:
-    if v is True or v is False:
-        return v
-    if isinstance(v, str):
-        return v
-    return bool(v)
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """(METHOD, path) from the request head (CRLF or bare LF); headers are ignored."""
+    head = b""
+    while not re.search(rb"\n\r?\n", head):  # a body after the head is ignored
+        chunk = await reader.read(MAX_REQUEST_HEAD + 1 - len(head))
+        if not chunk:  # EOF before the end of the head
+            if not head:
+                raise ConnectionResetError("closed without a request")
+            raise _Refuse(_text(400, "incomplete request"))
+        head = (head + chunk).lstrip(b"\r\n")  # RFC 9112 2.2: skip empty lines before it
+        if len(head) > MAX_REQUEST_HEAD:
+            raise _Refuse(_text(431, "request head too large"))
+    try:
+        method, target, version = head.split(b"\n", 1)[0].rstrip(b"\r").decode("ascii").split(" ")
+    except ValueError:  # also UnicodeDecodeError
+        raise _Refuse(_text(400, "bad request line")) from None
+    if not method.isalpha():
+        raise _Refuse(_text(400, "bad request line"))
+    if not version.startswith("HTTP/1."):
+        raise _Refuse(_text(505, "HTTP/1.x only"))
+    if target.startswith(("http://", "https://")):  # absolute-form
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    return method.upper(), target.split("?", 1)[0].split("#", 1)[0]

@@ -34,10 +34,8 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
     worker = workers.worker_index()
     origin = config.audit.origin
     admin_addr = config.admin
-    reuse_port = None
     if worker is not None:
         workers.setup_child(worker)
-        reuse_port = workers.install_reuse_port()
         origin = workers.worker_origin(origin, worker)
         if admin_addr is not None:
             admin_addr = workers.worker_admin(admin_addr, worker)
@@ -115,8 +113,8 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         log.info("residency-gate listening on %s:%d (mode %s), catalog %s, audit origin %s",
                  config.listen[0], config.listen[1], config.mode, bundle.catalog.revision,
                  origin)
-        if reuse_port is not None:
-            if workers.listeners_reuse_port(master):
+        if worker is not None:
+            if workers.listen_port_shared(master.addons.get("proxyserver").listen_addrs()):
                 workers.notify_ready()
             else:  # never serve a share of the port silently alone
                 log.critical("worker listener is not using SO_REUSEPORT; stopping")
@@ -149,7 +147,8 @@ def _listening(master) -> bool:
 def run(bundle: Bundle, config_arg: str | None = None) -> int:
     setup_logging(bundle.config.log_format, bundle.config.log_level)
     try:
-        return asyncio.run(serve(bundle, config_arg))
+        # a worker child's loop binds its listeners with SO_REUSEPORT (workers.py)
+        return asyncio.run(serve(bundle, config_arg), loop_factory=workers.loop_factory())
     except KeyboardInterrupt:
         return 0
     except OSError as e:

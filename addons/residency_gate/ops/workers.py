@@ -7,10 +7,7 @@ children, each ``residency-gate run`` again with ``RESIDENCY_GATE_WORKER=<i>``
 (i = 0 .. N-1) in its environment. A worker child:
 
 * listens on the *same* address as the others with ``SO_REUSEPORT``: the Linux
-  kernel spreads incoming connections over the workers. Nothing else changes in
-  mitmproxy: only the name ``asyncio`` inside ``mitmproxy.proxy.mode_servers``
-  is replaced (in worker children only) by a view of asyncio whose
-  ``start_server`` adds ``reuse_port=True``;
+  kernel spreads incoming connections over the workers;
 * writes its own audit chain, origin ``<audit.origin>-w<i>``, into the shared
   ``audit.dir`` (files are per origin);
 * serves its admin listener on ``admin`` port + i (worker 0 on the configured
@@ -24,6 +21,16 @@ gives up -- stopping the others and exiting 1 -- when a child fails
 ``MAX_START_FAILURES`` times in a row before it is listening.
 
 The single-worker path (``workers: 1``, the default) does not go through here.
+
+How a worker gets SO_REUSEPORT without touching mitmproxy: mitmproxy 12 has no option
+for it and opens its TCP listeners with ``asyncio.start_server``, i.e. with the running
+loop's ``create_server``. So a worker child runs on ``ReusePortLoop`` (through the public
+``asyncio.run(..., loop_factory=...)``), an event loop whose ``create_server`` defaults
+to ``reuse_port=True``; an explicit value is kept, and the admin listener passes
+``reuse_port=False`` (its port is per worker, never shared). That mitmproxy opens its
+listeners this way is not an API promise, so once listening the worker *checks* that its
+listen port is shared (``listen_port_shared``: a probe socket with SO_REUSEPORT can bind
+to an address in use only if the listener there has SO_REUSEPORT too) and stops if not.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,50 +91,43 @@ def worker_admin(admin: tuple[str, int], index: int) -> tuple[str, int]:
     return host, (port + index if port else 0)
 
 
-class _ReusePortAsyncio:
-    """mitmproxy's mode_servers sees this instead of the asyncio module.
+class ReusePortLoop(asyncio.SelectorEventLoop):
+    """A worker child's event loop: listening sockets default to SO_REUSEPORT."""
 
-    Everything is asyncio's, except that ``start_server`` binds with SO_REUSEPORT.
-    """
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self.servers_started = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    async def start_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
-        kwargs.setdefault("reuse_port", True)
-        server = await self._real.start_server(*args, **kwargs)
-        self.servers_started += 1
-        return server
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        kwargs.setdefault("reuse_port", True)  # an explicit reuse_port= is kept
+        return await super().create_server(*args, **kwargs)
 
 
-def install_reuse_port() -> _ReusePortAsyncio:
-    """Make mitmproxy's TCP listeners (and only those) use SO_REUSEPORT."""
-    from mitmproxy.proxy import mode_servers
-
-    current = mode_servers.asyncio
-    if isinstance(current, _ReusePortAsyncio):
-        return current
+def loop_factory() -> type[asyncio.AbstractEventLoop] | None:
+    """For ``asyncio.run(loop_factory=)``: ReusePortLoop in a worker child, else None
+    (asyncio's default loop)."""
+    if worker_index() is None:
+        return None
     if not hasattr(socket, "SO_REUSEPORT"):
         raise OSError(errno.ENOTSUP, "SO_REUSEPORT is not available on this platform")
-    shim = _ReusePortAsyncio(current)
-    mode_servers.asyncio = shim  # type: ignore[assignment]
-    return shim
+    return ReusePortLoop
 
 
-def listeners_reuse_port(master: Any) -> bool:
-    """True when every TCP listener of the running mitmproxy has SO_REUSEPORT set."""
-    proxyserver = master.addons.get("proxyserver")
-    socks = []
-    for instance in getattr(proxyserver, "servers", ()):
-        for server in getattr(instance, "_servers", ()):
-            socks.extend(getattr(server, "sockets", ()) or ())
-    if not socks:
-        return False
-    return all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks)
+def listen_port_shared(addrs: Iterable[tuple[Any, ...]]) -> bool:
+    """True when every listening socket on these addresses has SO_REUSEPORT.
+
+    Probe: a socket with SO_REUSEPORT can bind to an address in use only when every
+    socket bound there has SO_REUSEPORT too (and the same user). The probe never listens
+    (so it never takes a connection) and is closed at once.
+    """
+    addrs = list(addrs)
+    for addr in addrs:
+        family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # like asyncio's listener: IPv6 only
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(addr)
+            except OSError:
+                return False
+    return bool(addrs)
 
 
 def setup_child(index: int) -> None:
