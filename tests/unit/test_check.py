@@ -164,3 +164,20 @@ def test_documented_config_examples_pass_check(tmp_path, doc, after):
     cfg.write_text(_yaml_block(doc.read_text(), after))
     r = run("check", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('mode: "reverse:not a url"', "mitmproxy refuses the options"),
+    ('mode: "upstream:not a url"', "mitmproxy refuses the options"),
+    ('proxy_auth: "ldap:nonsense"', "mitmproxy refuses the options"),
+])
+def test_check_agrees_with_run_on_mitmproxy_options(tmp_path, line, message):
+    """Regression: `check` passed `mode: "reverse:not a url"`, then `run` died with a
+    traceback. Both now ask mitmproxy itself."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(line + "\n")
+    r = run("check", "-c", str(cfg))
+    assert r.returncode == 1, r.stdout
+    assert message in r.stderr and "Traceback" not in r.stderr
+    r = run("run", "-c", str(cfg))  # refuses before listening, the same way
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

@@ -28,17 +28,23 @@ def _bundle_or_exit(config: str | None):
         raise SystemExit(1) from None
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _valid_bundle_or_exit(config: str | None):
+    """The bundle, also checked by mitmproxy itself: `check` and `run` refuse the same."""
     from ..ops.embed import option_problems
 
-    bundle = _bundle_or_exit(args.config)
-    catalog, config = bundle.catalog, bundle.config
+    bundle = _bundle_or_exit(config)
     problems = option_problems(bundle)
     if problems:
-        where = config.path or "<defaults>"
+        where = bundle.config.path or "<defaults>"
         for problem in problems:
             print(f"{where}:1: mitmproxy refuses the options: {problem}", file=sys.stderr)
-        return 1
+        raise SystemExit(1)
+    return bundle
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    bundle = _valid_bundle_or_exit(args.config)
+    catalog, config = bundle.catalog, bundle.config
     print(
         f"ok: config {config.path or '(built-in defaults)'} ({config.revision}); catalog "
         f"{catalog.revision}: {len(catalog.providers)} providers, {len(catalog.endpoints)} "
@@ -109,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..ops.run import run
     from ..ops.workers import supervise, worker_index
 
-    bundle = _bundle_or_exit(args.config)
+    bundle = _valid_bundle_or_exit(args.config)
     try:
         worker = worker_index()
     except ValueError as e:
