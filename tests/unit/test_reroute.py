@@ -158,3 +158,21 @@ def test_route_whose_key_is_not_set_is_not_offered(tmp_path, monkeypatch):
     d = decide_url(p, "https://res-global.openai.azure.com/openai/deployments/gpt4o/chat/"
                    "completions", body={"messages": []}, tags=["eu"])
     assert (d.verdict, d.route) == ("block", None) and "RES_EU_KEY" in d.reason
+
+
+def test_reroute_credentials_follow_the_catalog_and_the_config(tmp_path, monkeypatch):
+    """OpenAI's regional host accepts the client's key only for some projects
+    (`credentials: conditional`): kept unless the operator names a key for that host, which
+    then replaces it; a key variable that is not set means no reroute there."""
+    url, body = "https://api.openai.com/v1/chat/completions", {"model": "gpt-4o"}
+    d = decide_url(policy_from(tmp_path, CONFIG), url, body=body, tags=["eea_ch"])
+    assert d.route.credential is None and "client's key kept" in d.route.description
+    cfg = {"residency": {"on_violation": "reroute"},
+           "reroute": {"credentials": {"eu.api.openai.com": {"api_key_env": "OAI_EU"}}}}
+    monkeypatch.setenv("OAI_EU", "sk-eu-project")
+    d = decide_url(policy_from(tmp_path, cfg), url, body=body, tags=["eea_ch"])
+    assert (d.route.host, d.route.credential.env) == ("eu.api.openai.com", "OAI_EU")
+    assert "authorization" in d.route.remove_headers
+    monkeypatch.delenv("OAI_EU")
+    d = decide_url(policy_from(tmp_path, cfg), url, body=body, tags=["eea_ch"])
+    assert d.verdict == "block" and "OAI_EU" in d.reason and "not set on the proxy" in d.reason

@@ -105,11 +105,13 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
             api_key_env=p.api_key_env))
     if problems:
         raise InvalidSource(problems)
-    key_envs = {*azure_keys.values(), *(p.api_key_env for p in private if p.api_key_env)}
+    key_envs = {*azure_keys.values(), *config.reroute_credentials.values(),
+                *(p.api_key_env for p in private if p.api_key_env)}
     policy = Policy(
         requirements=Requirements(names, config.header, tuple(rules), default,
                                   tuple(sorted(config.zones))),
         on_violation=config.on_violation, azure=azure, azure_keys=azure_keys,
+        reroute_keys=dict(config.reroute_credentials),
         private=tuple(private),
         env_present=frozenset(k for k in key_envs if os.environ.get(k)))
     ctx = OptionContext(regions, azure)

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.apis import Api
-from ..core.endpoints import NO_REROUTE, Catalog, Endpoint, HostPattern, Provider, RerouteSpec
+from ..core.endpoints import (
+    NO_REROUTE,
+    Catalog,
+    Endpoint,
+    HostPattern,
+    Provider,
+    RerouteSpec,
+    Review,
+)
 from ..core.extract import PLACEHOLDER, Extractor, compile_field_pattern, compile_path_pattern
 from ..core.locate import (
     AZURE_SCOPES,
@@ -80,6 +88,7 @@ class _Compiler:
         self.regions = regions
         self.apis = apis
         self.problems: list[Problem] = []
+        self.reviews: list[Review] = []
 
     def places(self, doc: SourceDoc, path: tuple, names: list[str]) -> Places:
         out: set[str] = set()
@@ -170,6 +179,8 @@ class _Compiler:
             api = next(iter(self.apis.values()))
         provider = Provider(data["provider"], data["name"], api, data["source"],
                             str(data["reviewed"]), str(path))
+        self.reviews.append(Review(provider.id, provider.id, provider.reviewed, doc.file,
+                                   doc.line(("reviewed",))))
         endpoints: list[Endpoint] = []
         seen: set[str] = set()
         for i, raw in enumerate(data["endpoints"]):
@@ -185,6 +196,9 @@ class _Compiler:
                 locator=self.locator(doc, epath, raw, captures),
                 note=raw.get("note", ""), source=raw["source"], reviewed=str(raw["reviewed"]),
                 reroute=_reroute(raw.get("reroute"))))
+            self.reviews.append(Review(provider.id, f"{provider.id}/{raw['id']}",
+                                       str(raw["reviewed"]), doc.file,
+                                       doc.line((*epath, "reviewed"))))
         for i, endpoint in enumerate(endpoints):
             for j, target in enumerate(endpoint.reroute.to):
                 if target not in seen or target == endpoint.id:
@@ -200,7 +214,9 @@ def _reroute(raw: Mapping[str, Any] | None) -> RerouteSpec:
     return RerouteSpec(
         strategy=raw["strategy"], to=tuple(raw.get("to", ())), reason=raw.get("reason", ""),
         availability={k.lower(): tuple(v["models"])
-                      for k, v in (raw.get("availability") or {}).items()})
+                      for k, v in (raw.get("availability") or {}).items()},
+        credentials=raw.get("credentials", "carry"),
+        credentials_note=" ".join(raw.get("credentials_note", "").split()))
 
 
 def _apis(doc: SourceDoc) -> dict[str, Api]:
@@ -332,7 +348,9 @@ def load_catalog(extra: Iterable[Path] = ()) -> Catalog:
         endpoints=all_endpoints, exact=exact, patterns=index,
         revision=digest.hexdigest()[:16],
         files=[str(files.regions), str(files.apis), *map(str, files.providers)],
-        dirs=sorted({str(d) for d in files.dirs}))
+        dirs=sorted({str(d) for d in files.dirs}),
+        reviews=[r for r in compiler.reviews  # of the files in force (a replaced one is not)
+                 if r.provider in providers and providers[r.provider][0].file == r.file])
 
 
 def _azure_type_problems(endpoints: list[Endpoint], where: dict[str, Where]) -> list[Problem]:

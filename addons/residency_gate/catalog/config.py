@@ -29,11 +29,13 @@ DEFAULTS: dict[str, Any] = {
     "proxy_auth": None,
     "certs_dir": "certs",
     "catalog": None,
+    "catalog_max_age": 180,
     "upstream_ca": None,
     "resolve": {},
     "residency": {"header": "X-Data-Residency", "zones": {}, "default": None, "clients": [],
                   "on_violation": "block"},
     "azure": {"resources": {}},
+    "reroute": {"credentials": {}},
     "private_endpoints": [],
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
@@ -120,6 +122,8 @@ class Config:
     clients: tuple[ClientRuleConfig, ...]
     on_violation: str
     azure_resources: dict[str, dict[str, Any]]
+    reroute_credentials: dict[str, str]  # reroute target host -> env var with its key
+    catalog_max_age: int  # days: older `reviewed` dates are warnings in `check`
     private_endpoints: tuple[PrivateEndpointConfig, ...]
     audit: AuditConfig
     request_body_bytes: int
@@ -206,6 +210,9 @@ def load_config(path: Path | None) -> Config:
         clients=tuple(clients),
         on_violation=residency["on_violation"],
         azure_resources={k.lower(): v for k, v in (d["azure"]["resources"] or {}).items()},
+        reroute_credentials={h.lower().rstrip("."): v["api_key_env"]
+                             for h, v in (d["reroute"]["credentials"] or {}).items()},
+        catalog_max_age=d["catalog_max_age"],
         private_endpoints=tuple(private),
         audit=AuditConfig(
             dir=rel(audit["dir"]), fsync=audit["fsync"],

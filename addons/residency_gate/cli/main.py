@@ -43,8 +43,14 @@ def _valid_bundle_or_exit(config: str | None):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..catalog.freshness import stale
+
     bundle = _valid_bundle_or_exit(args.config)
     catalog, config = bundle.catalog, bundle.config
+    for review, age in stale(catalog, config.catalog_max_age):
+        print(f"{review.file}:{review.line}: warning: {review.what} was reviewed "
+              f"{review.reviewed}, {age} days ago (catalog_max_age: {config.catalog_max_age}); "
+              "check it against its source", file=sys.stderr)
     print(
         f"ok: config {config.path or '(built-in defaults)'} ({config.revision}); catalog "
         f"{catalog.revision}: {len(catalog.providers)} providers, {len(catalog.endpoints)} "
@@ -170,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
-    for module in ("residency_gate.cli.audit", "residency_gate.cli.ca"):
+    for module in ("residency_gate.cli.audit", "residency_gate.cli.ca", "residency_gate.cli.catalog"):
         try:
             registrar = __import__(module, fromlist=["register"]).register
         except ImportError:

@@ -40,6 +40,8 @@ class RerouteSpec:
     to: tuple[str, ...] = ()
     reason: str = ""
     availability: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    credentials: str = "carry"  # carry | own | conditional: does the client's key work there?
+    credentials_note: str = ""
 
     def offers(self, value: str | None, model: str | None) -> bool:
         """Is `model` offered where `value` (region, location, geo) points?
@@ -91,6 +93,17 @@ class HostPattern:
 type Match = tuple[Endpoint, dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Review:
+    """When an entry was last checked against its source (`reviewed:`), and where it says so."""
+
+    provider: str
+    what: str  # the provider, or provider/endpoint
+    reviewed: str  # ISO date
+    file: str
+    line: int
+
+
 @dataclass
 class Catalog:
     """Compiled catalog: regions, wire formats, providers, and fast host lookup."""
@@ -104,6 +117,7 @@ class Catalog:
     revision: str  # hash of every file's name and bytes
     files: list[str]
     dirs: list[str] = field(default_factory=list)  # watched for new files (hot reload)
+    reviews: list[Review] = field(default_factory=list)
 
     def match(self, host: str) -> Match | None:
         """The endpoint a host belongs to, with its captures; None for non-LLM hosts."""

@@ -43,6 +43,7 @@ class Policy:
     on_violation: str = "block"  # block | reroute
     azure: dict[str, AzureResource] = field(default_factory=dict)
     azure_keys: dict[str, str] = field(default_factory=dict)  # resource -> api_key_env
+    reroute_keys: dict[str, str] = field(default_factory=dict)  # target host -> api_key_env
     private: tuple[PrivateEndpoint, ...] = ()
     options: dict[str, list[Option]] = field(default_factory=dict)  # by endpoint key
     env_present: frozenset[str] = frozenset()  # key variables set when this policy loaded

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wording
@@ -73,6 +73,10 @@ def plan_reroute(catalog: Catalog, policy: Policy, endpoint: Endpoint, view: Req
         for option in offered:
             route = _public_route(endpoint, option, view, scheme, port, query, policy)
             if route is None:
+                continue
+            route = _with_credentials(route, endpoint, policy)
+            if isinstance(route, str):
+                missing_keys.append(route)
                 continue
             if route.credential and route.credential.env not in policy.env_present:
                 missing_keys.append(wording.key_missing(route.host, route.credential.env))
@@ -136,6 +140,25 @@ def _public_route(endpoint: Endpoint, option: Option, view: RequestView, scheme:
                      remove_headers=tuple(h for h in api.credential_headers
                                           if h != api.key_header))
     return None
+
+
+def _with_credentials(route: Route, source: Endpoint, policy: Policy) -> Route | str:
+    """The key the route sends: the operator's for that host if one is configured, else the
+    client's where the catalog says it carries over; a reason when neither holds."""
+    if route.credential is not None:
+        return route  # Azure: already the target resource's own key
+    env = policy.reroute_keys.get(route.host)
+    api = source.api
+    if env is not None:
+        return replace(route, credential=Credential(api.key_header or "authorization",
+                                                    api.key_format, env),
+                       remove_headers=api.credential_headers)
+    if source.reroute.credentials == "own":
+        return (f"{route.host} does not accept the client's key and no key is configured for it "
+                f"(reroute.credentials.{route.host}.api_key_env)")
+    if source.reroute.credentials == "conditional":
+        return replace(route, description=f"{route.description}, client's key kept")
+    return route
 
 
 def _private_route(catalog: Catalog, policy: Policy, endpoint: Endpoint, view: RequestView,

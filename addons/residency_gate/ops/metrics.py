@@ -90,6 +90,12 @@ class Metrics:
             "1 when the last config/catalog reload was refused (the old version keeps serving).",
             registry=r,
         )
+        self.catalog_review_age = Gauge(
+            "residency_gate_catalog_review_age_days",
+            "Days since the least recently reviewed catalog entry of each provider was "
+            "checked against its source.",
+            ("provider",), registry=r,
+        )
         self.open_connections = Gauge(
             "residency_gate_open_connections", "Client connections currently open.", registry=r,
         )
@@ -108,6 +114,12 @@ class Metrics:
         """Export residency_gate_catalog_info{version=...} 1 (only the current one)."""
         self.catalog_info.clear()
         self.catalog_info.labels(version=str(version)).set(1)
+
+    def set_review_ages(self, ages: dict[str, int]) -> None:
+        """Export residency_gate_catalog_review_age_days{provider} for the catalog in force."""
+        self.catalog_review_age.clear()
+        for provider, days in ages.items():
+            self.catalog_review_age.labels(provider=provider).set(days)
 
     def reload_result(self, ok: bool) -> None:
         """Count a reload attempt and set the last-reload-failed gauge."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..audit.record import config_fields
 from ..catalog.bundle import load_bundle
+from ..catalog.freshness import oldest_by_provider
 from ..catalog.source import InvalidSource
 
 log = logging.getLogger("residency_gate.reload")
@@ -97,6 +98,7 @@ class Reloader:
             await self._record(new)  # first in the chain, then deciding under it
         self.gate.bundle = new
         self.metrics.set_catalog_version(new.catalog.revision)
+        self.metrics.set_review_ages(oldest_by_provider(new.catalog))
         self.metrics.reload_result(True)
         log.info("reloaded config %s and catalog %s", new.config.revision, new.catalog.revision)
         self._stamps = await loop.run_in_executor(None, self._snapshot)

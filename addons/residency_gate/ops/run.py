@@ -15,6 +15,7 @@ import sys
 from ..audit.open import open_audit
 from ..audit.record import config_fields
 from ..catalog.bundle import Bundle
+from ..catalog.freshness import oldest_by_provider
 from ..proxy.addon import ResidencyGate
 from ..proxy.interface import Gate
 from . import workers
@@ -49,6 +50,7 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         await writer.close()
         raise
     METRICS.set_catalog_version(bundle.catalog.revision)
+    METRICS.set_review_ages(oldest_by_provider(bundle.catalog))
     METRICS.open_connections.set(0)
 
     # The admin listener starts before mitmproxy's master exists: if its port is taken,
