@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import fsync_dir
-from .canonical import CanonicalError, _plain, canonical, parse
+from .canonical import CanonicalError, canonical, is_plain, parse
 from .chain import (
     HEX64_RE,
     RESERVED,
@@ -303,7 +303,7 @@ class AuditWriter:
             copy = json.loads(canonical(fields))
         except CanonicalError as exc:
             raise AuditRecordError(str(exc)) from exc
-        plain = _plain(copy) and _plain(self.origin) and _plain(kind)
+        plain = is_plain(copy) and is_plain(self.origin) and is_plain(kind)
         return _Item(kind, copy, None, plain=plain)
 
     def _ensure_runner(self, loop: asyncio.AbstractEventLoop) -> None:
