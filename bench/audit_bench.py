@@ -1,5 +1,5 @@
 """Audit writer throughput and CPU: records/s and CPU per record, thread vs process writer,
-fsync=group vs fsync=always.
+fsync=group vs fsync=always; first, µs per canonical serialisation of a decision record.
 
     .venv/bin/python bench/audit_bench.py [--seconds 2] [--concurrency 64] [--dir DIR]
         [--writer thread,process] [--fsync group,always]
@@ -21,9 +21,13 @@ import os
 import shutil
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
+import rfc8785
+
 from residency_gate.audit import AuditWriter, SigningKey
+from residency_gate.audit.canonical import canonical, dumps_plain
 from residency_gate.audit.writer_process import ProcessAuditWriter
 
 FIELDS = {
@@ -36,6 +40,22 @@ FIELDS = {
 }
 WRITERS = {"thread": AuditWriter, "process": ProcessAuditWriter}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def canonical_cost() -> None:
+    """The writer serialises every record twice (to sign it, then with its signature)."""
+    rec = {"v": 1, "origin": "bench", "seq": 12345, "ts": "2026-11-28T07:24:10.123456Z",
+           "kind": "decision", "prev": "ab" * 32, "key_id": "ed25519:0123456789abcdef",
+           **FIELDS, "id": "bench:12345"}
+    assert canonical(rec) == dumps_plain(rec) == rfc8785.dumps(rec)
+    print("canonical JSON of a decision record (µs, best of 5):")
+    for name, fn in (("canonical() (checks + json fast path)", canonical),
+                     ("dumps_plain (writer hot path)", dumps_plain),
+                     ("rfc8785.dumps", rfc8785.dumps)):
+        n = 5000
+        best = min(timeit.repeat(lambda fn=fn: fn(rec), number=n, repeat=5)) / n
+        print(f"  {name:40} {best * 1e6:7.1f}")
+    print()
 
 
 def proc_cpu(pid: int | None) -> float:
@@ -92,6 +112,7 @@ def main() -> None:
     args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="audit-bench-", dir=args.dir))
     try:
+        canonical_cost()
         print(f"{'writer':8} {'fsync':7} {'records/s':>10} {'records':>8} {'p50 ms':>7} "
               f"{'p99 ms':>7} {'fsyncs':>7} {'proxy µs/rec':>13} {'writer µs/rec':>14}")
         for mode in args.fsync.split(","):
