@@ -357,7 +357,7 @@ class ProcessAuditWriter:
                 if not 0 <= size <= MAX_FRAME:
                     raise ValueError(f"message of {size} bytes")
                 self._handle(marshal.loads(await reader.readexactly(size)))
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, OSError):  # EOF, or the socket broke
             self._on_eof()
         except asyncio.CancelledError:
             if self._reader is asyncio.current_task():  # not by _unbind: the loop is ending
