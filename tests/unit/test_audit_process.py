@@ -125,16 +125,30 @@ def _failed_writer_checks(w, caplog, results):
     assert any(r.levelname == "CRITICAL" for r in caplog.records)
 
 
+FAULTS = Path(__file__).parent / "faults"  # its sitecustomize.py breaks fsync or write
+
+
+def inject(monkeypatch, fault: str, arm: Path) -> None:
+    """The next writer process fails as ``fault`` says once ``arm`` exists."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("RESIDENCY_GATE_TEST_FAULT", fault)
+    monkeypatch.setenv("RESIDENCY_GATE_TEST_FAULT_ARM", str(arm))
+
+
 @pytest.mark.parametrize("fault", ["fsync", "write"])
-def test_child_write_or_fsync_failure_fails_permanently(tmp_path, certs, key, fault, caplog):
+def test_child_write_or_fsync_failure_fails_permanently(tmp_path, certs, key, fault, caplog,
+                                                         monkeypatch):
     d = tmp_path / "a"
+    arm = tmp_path / "fault-now"
+    inject(monkeypatch, fault, arm)
 
     async def go():
-        w = ProcessAuditWriter(d, key, ORIGIN, test_faults=True)
+        w = ProcessAuditWriter(d, key, ORIGIN)
         w.open()
         ok = await w.append("decision", {"n": 0})
         assert w.healthy
-        w._queue(__import__("marshal").dumps(("f", fault)), None)
+        arm.touch()  # from now on the writer process's disk fails
         results = await asyncio.gather(*(w.append("decision", {"n": i}) for i in range(5)),
                                        return_exceptions=True)
         _failed_writer_checks(w, caplog, results)
@@ -152,6 +166,25 @@ def test_child_write_or_fsync_failure_fails_permanently(tmp_path, certs, key, fa
     assert ok["seq"] in {o["seq"] for o in objs}
     rep = check(d, certs)
     assert rep.origins[ORIGIN].vouched[0][0] == 0
+
+
+def test_garbage_from_child_fails_closed(tmp_path, key, caplog, monkeypatch):
+    arm = tmp_path / "fault-now"
+    inject(monkeypatch, "garbage", arm)
+
+    async def go():
+        w = ProcessAuditWriter(tmp_path / "a", key, ORIGIN)
+        w.open()
+        await w.append("decision", {"n": 0})
+        arm.touch()
+        results = await asyncio.gather(*(w.append("decision", {"n": i}) for i in range(3)),
+                                       return_exceptions=True)
+        _failed_writer_checks(w, caplog, results)
+        assert "garbage" in str(w.failure)
+        await w.close()
+
+    with caplog.at_level("CRITICAL", logger="residency_gate.audit"):
+        asyncio.run(go())
 
 
 def test_child_killed_fails_closed(tmp_path, certs, key, caplog):
@@ -340,32 +373,35 @@ def test_child_ignores_terminal_signals(tmp_path, certs, key):
     assert check(d, certs).ok
 
 
-def test_many_appends_from_one_loop_iteration_are_one_frame_batch(tmp_path, certs, key):
+def spy_writes(monkeypatch) -> list[bytes]:
+    """What the proxy writes to the writer process, one item per StreamWriter.write."""
+    writes: list[bytes] = []
+    real = asyncio.StreamWriter.write
+
+    def write(self, data):
+        writes.append(bytes(data))
+        return real(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
+    return writes
+
+
+def test_many_appends_from_one_loop_iteration_are_one_frame_batch(tmp_path, certs, key,
+                                                                  monkeypatch):
     d = tmp_path / "a"
+    writes = spy_writes(monkeypatch)
 
     async def go():
         w = ProcessAuditWriter(d, key, ORIGIN, checkpoint_every=100_000)
         w.open()
-        sent = []
-        real = w._sock.send
-
-        class Spy:
-            def __getattr__(self, name):
-                return getattr(real.__self__, name)
-
-            def send(self, data):
-                sent.append(len(data))
-                return real(data)
-
-        w._sock = Spy()
         recs = await asyncio.gather(*(w.append("decision", {"n": i}) for i in range(500)))
-        w._sock = real.__self__
+        n = len(writes)
         await w.close()
-        return recs, sent
+        return recs, n
 
-    recs, sent = asyncio.run(go())
+    recs, n = asyncio.run(go())
     assert [r["seq"] for r in recs] == list(range(1, 501))
-    assert len(sent) == 1  # one send() for the whole loop iteration
+    assert n == 1  # one write (one send()) for the whole loop iteration
     assert check(d, certs).ok
 
 
@@ -380,38 +416,27 @@ def test_logs_of_child_go_through_proxy_logging(tmp_path, key, caplog):
                for r in caplog.records)
 
 
-def test_outcome_records_ride_along_or_go_out_after_a_short_delay(tmp_path, certs, key):
+def test_outcome_records_ride_along_or_go_out_after_a_short_delay(tmp_path, certs, key,
+                                                                  monkeypatch):
     d = tmp_path / "a"
+    writes = spy_writes(monkeypatch)
 
     async def go():
         w = ProcessAuditWriter(d, key, ORIGIN)
         w.open()
-        sends = []
-        real = w._sock
-
-        class Spy:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def send(self, data):
-                sends.append(data.count(b"outcome"))
-                return real.send(data)
-
-        w._sock = Spy()
         t0 = time.monotonic()
         alone = await w.append("outcome", {"decision_id": "x"})  # nothing else comes: timer
         assert time.monotonic() - t0 < 1
-        n0 = len(sends)
+        n0 = len(writes)
         out = asyncio.ensure_future(w.append("outcome", {"decision_id": "y"}))
         await asyncio.sleep(0)  # the outcome waits ...
-        assert len(sends) == n0
+        assert len(writes) == n0
         dec = await w.append("decision", {"n": 1})  # ... and goes with the next decision
         rec = await out
-        w._sock = real
         await w.close()
-        return alone, rec, dec, sends[n0:]
+        return alone, rec, dec, writes[n0:]
 
     alone, rec, dec, sends = asyncio.run(go())
-    assert sends[0] == 1  # the outcome was in the decision's send
+    assert sends[0].count(b"outcome") == 1  # the outcome was in the decision's send
     assert alone["kind"] == rec["kind"] == "outcome" and rec["seq"] < dec["seq"]
     assert check(d, certs).ok

@@ -401,3 +401,24 @@ def test_close_sync(tmp_path, certs, key, cls):
     objs = lines_of(d)
     assert objs[-1]["kind"] == "checkpoint"
     assert check(d, certs).ok
+
+
+def test_append_batch_is_one_durable_group_commit(tmp_path, certs, key):
+    """The synchronous API the writer process drives: refusals in place, a hand-over in order."""
+    d = tmp_path / "a"
+    w = AuditWriter(d, key, ORIGIN, checkpoint_every=10_000)
+    w.open()
+    fsyncs = w.stats.fsyncs
+    out = w.append_batch([("decision", {"n": 1}), ("decision", {"f": 1.5}),
+                          ("outcome", {"decision_id": f"{ORIGIN}:1"})])
+    assert [type(r) for r in out] == [dict, AuditRecordError, dict]
+    assert (out[0]["seq"], out[0]["id"], out[2]["seq"]) == (1, f"{ORIGIN}:1", 2)
+    assert w.stats.fsyncs == fsyncs + 1  # one batch, one fsync
+    assert [o["seq"] for o in lines_of(d)] == [0, 1, 2]  # on disk when it returns
+    assert w.append_batch([]) == [] and w.stats.fsyncs == fsyncs + 1  # nothing due
+    new = keys_mod.SigningKey.generate()
+    rec = w.rotate_key_sync(new)
+    assert rec["key_id"] == key.key_id and rec["new_key_id"] == new.key_id
+    assert w.append_batch([("x", {})])[0]["key_id"] == new.key_id
+    w.close_sync()
+    assert verify([d], {key.key_id: key.public}, None).ok

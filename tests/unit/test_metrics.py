@@ -31,6 +31,9 @@ EXPECTED = {  # exported name -> (type, label names, help)
     "residency_gate_config_reload_failure": (
         "gauge", (), "1 when the last config/catalog reload was refused "
         "(the old version keeps serving)."),
+    "residency_gate_catalog_review_age_days": (
+        "gauge", ("provider",), "Days since the least recently reviewed catalog entry of each "
+        "provider was checked against its source."),
     "residency_gate_open_connections": ("gauge", (), "Client connections currently open."),
     "residency_gate_flows_total": (
         "counter", ("kind",),
@@ -80,6 +83,7 @@ def test_label_names():
     m = Metrics()
     m.decision("openai", "block", "place")
     m.set_catalog_version("v1")
+    m.set_review_ages({"openai": 1})
     m.audit_failures.inc()
     _, values = exposition(m)
     seen: dict[str, set[str]] = {}

@@ -3,6 +3,8 @@
 One writer owns one origin's chain in ``directory``. ``append`` returns a record only
 once it is durable (written and fsynced). Records are built, signed, written and
 fsynced by one worker thread; the event loop never does file I/O after ``open``.
+``append_batch`` does the same synchronously, for a caller that owns the writer outright
+(the writer process, see writer_child.py) and so needs no event loop or thread.
 The first write or fsync failure fails the writer for good (PostgreSQL's lesson:
 a later fsync may succeed without the earlier data being on disk).
 """
@@ -16,13 +18,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..fileio import fsync_dir
-from .canonical import CanonicalError, _plain, canonical, parse
+from .canonical import CanonicalError, canonical, is_plain, parse
 from .chain import (
     HEX64_RE,
     RESERVED,
@@ -68,9 +71,6 @@ class AuditStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -197,6 +197,49 @@ class AuditWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
         self._state = "open"
 
+    def checkpoint_due_in(self) -> float | None:
+        """Seconds until a time checkpoint is due (0: now); None when there is nothing to
+        checkpoint. For a caller of append_batch, which writes it: when to call it idle."""
+        if self._since_cp <= 0:
+            return None
+        return max(0.0, self._last_cp + self.checkpoint_seconds - time.monotonic())
+
+    def append_batch(self, entries: Sequence[tuple[str, dict]]
+                     ) -> list[dict | AuditRecordError]:
+        """Append ``(kind, fields)`` entries as one group commit, synchronously.
+
+        For a caller that owns the writer outright (the writer process): not to be mixed
+        with append() or rotate_key(). Returns, in order, each record once it is durable,
+        or the AuditRecordError that refused it (the others are written). Also writes a
+        time checkpoint when one is due; with no entries, only that. A write or fsync
+        failure fails the writer for good and raises AuditError (see ``failure``).
+        """
+        self._check_usable()
+        items: list[_Item] = []
+        slots: list[int | AuditRecordError] = []
+        for kind, fields in entries:
+            try:
+                item = self._prepare(kind, fields)
+            except AuditRecordError as exc:
+                slots.append(exc)
+                continue
+            slots.append(len(items))
+            items.append(item)
+        records = self._commit(items) if items or self._cp_time_due() else []
+        return [records[s] if isinstance(s, int) else s for s in slots]
+
+    def rotate_key_sync(self, new_key: SigningKey) -> dict:
+        """rotate_key() for the owner of the writer (see append_batch): the record, durable."""
+        self._check_usable()
+        return self._commit([_Item("key_rotation", {}, None, new_key)])[0]
+
+    def _commit(self, items: list[_Item]) -> list[dict]:
+        try:
+            return self._write_batch(items)
+        except Exception as exc:
+            self._fail(exc)
+            raise AuditError(f"audit record not written: {exc}") from exc
+
     async def append(self, kind: str, fields: dict) -> dict:
         """Append one record; returns it (with seq, id, sig, ...) once durable."""
         item = self._prepare(kind, fields)
@@ -303,7 +346,7 @@ class AuditWriter:
             copy = json.loads(canonical(fields))
         except CanonicalError as exc:
             raise AuditRecordError(str(exc)) from exc
-        plain = _plain(copy) and _plain(self.origin) and _plain(kind)
+        plain = is_plain(copy) and is_plain(self.origin) and is_plain(kind)
         return _Item(kind, copy, None, plain=plain)
 
     def _ensure_runner(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -318,11 +361,6 @@ class AuditWriter:
         self._stopping = False
         self._runner = loop.create_task(self._run(), name="audit-writer")
 
-    def _checkpoint_timeout(self) -> float | None:
-        if self._since_cp <= 0:
-            return None
-        return max(0.0, self._last_cp + self.checkpoint_seconds - time.monotonic())
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None and self._executor is not None
@@ -331,7 +369,7 @@ class AuditWriter:
                 if self._stopping:
                     return
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self._checkpoint_timeout())
+                    await asyncio.wait_for(self._wake.wait(), self.checkpoint_due_in())
                 except TimeoutError:
                     pass
                 self._wake.clear()

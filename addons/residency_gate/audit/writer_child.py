@@ -3,22 +3,23 @@
 Started by :class:`~residency_gate.audit.writer_process.ProcessAuditWriter`; FD is its end of a
 Unix socketpair. Everything the in-process :class:`AuditWriter` does on its worker thread
 (recovery at open, building, canonicalising, signing, chaining and writing records, group
-commit fsync, rotation, checkpoints, the anchor file) happens here, with AuditWriter's own
-code, so it costs the proxy's event loop neither CPU nor the GIL.
+commit fsync, rotation, checkpoints, the anchor file) happens here, through AuditWriter's
+synchronous API (``open``, ``append_batch``, ``rotate_key_sync``, ``close_sync``), so it
+costs the proxy's event loop neither CPU nor the GIL.
 
-Protocol: frames of a 4-byte big-endian length and a ``marshal`` payload (a tuple).
+Protocol: messages framed as :class:`multiprocessing.connection.Connection` frames them (a
+4-byte big-endian length, then the payload), each payload a ``marshal``-ed tuple.
 
 parent -> child
-  {config}                      first frame: directory, origin, keys (raw Ed25519), options
+  {config}                      first message: directory, origin, keys (raw Ed25519), options
   ("a", kind, fields)           append a record
   ("k", raw_private_key)        hand the chain over to a new key (key_rotation record)
   ("c",)                        close: flush, final checkpoint, fsync, exit 0
-  ("f", what)                   test fault ("fsync", "write"); honoured only with test_faults
 
 child -> parent
   ("R", info)                   open: chain recovered, start record durable
   ("A", results, stats)         one group commit is durable (fsynced): one result per "a"/"k"
-                                frame, in order: (seq, ts, prev, key_id, sig) of the record
+                                message, in order: (seq, ts, prev, key_id, sig) of the record
                                 (the parent has its kind and fields), the whole record (dict)
                                 for a key rotation, or an error message (str) for a record
                                 that was refused (the writer stays healthy); stats: AuditStats
@@ -27,10 +28,11 @@ child -> parent
   ("L", levelno, message)       a log message, for the proxy's logging
   ("C", stats)                  closed cleanly
 
-The child also stops (after writing and fsyncing everything it received, and a final
-checkpoint) when the socket reports EOF or its parent process is gone: a proxy killed
-with SIGKILL leaves no writer behind. It ignores SIGINT/SIGTERM/SIGHUP, which a terminal
-or service manager sends to the whole process group: the proxy closes it in order.
+Everything the parent has sent by the time the child looks is one group commit. The child
+also stops (after writing and fsyncing everything it received, and a final checkpoint)
+when the socket reports EOF or its parent process is gone: a proxy killed with SIGKILL
+leaves no writer behind. It ignores SIGINT/SIGTERM/SIGHUP, which a terminal or service
+manager sends to the whole process group: the proxy closes it in order.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ import marshal
 import os
 import select
 import signal
-import socket
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -52,87 +54,55 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .chain import origin_safe
 from .keys import SigningKey
-from .writer import AuditError, AuditRecordError, AuditWriter, _Item
+from .writer import AuditError, AuditRecordError, AuditWriter
 
 log = logging.getLogger("residency_gate.audit")
 
-HEADER = 4
 MAX_FRAME = 64 << 20
 PARENT_CHECK_SECONDS = 1.0
-
-
-def frame(payload: bytes) -> bytes:
-    return len(payload).to_bytes(HEADER, "big") + payload
-
-
-def split_frames(buf: bytearray) -> list[Any]:
-    """Remove every complete frame from ``buf``; return their decoded messages."""
-    out = []
-    pos, end = 0, len(buf)
-    while end - pos >= HEADER:
-        n = int.from_bytes(buf[pos:pos + HEADER], "big")
-        if n > MAX_FRAME:
-            raise ValueError(f"audit frame of {n} bytes")
-        if end - pos - HEADER < n:
-            break
-        out.append(marshal.loads(buf[pos + HEADER:pos + HEADER + n]))
-        pos += HEADER + n
-    if pos:
-        del buf[:pos]
-    return out
 
 
 def lock_path(directory: Path, origin: str) -> Path:
     return Path(directory) / f".{origin_safe(origin)}.lock"
 
 
+def _key(raw: bytes, retired: tuple[SigningKey, ...] = ()) -> SigningKey:
+    return SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(raw), retired)
+
+
 class _Child:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        # readiness by one poll object: Connection.poll() builds a selector per call (~4 µs)
+        self.readable = select.poll()
+        self.readable.register(conn.fileno(), select.POLLIN)
         self.eof = False
         self.writer: AuditWriter | None = None
-        self.test_faults = False
 
     # -------------------------------------------------------------- I/O
 
-    def send(self, msg: tuple) -> None:
-        self.sock.sendall(frame(marshal.dumps(msg)))
+    def receive(self, timeout: float | None) -> list[Any]:
+        """Every message the parent has sent by now, waiting up to ``timeout`` for the first."""
+        msgs: list[Any] = []
+        try:
+            while not self.eof and self.readable.poll(
+                    0 if msgs else None if timeout is None else timeout * 1000):
+                msgs.append(marshal.loads(self.conn.recv_bytes(MAX_FRAME)))
+        except (EOFError, OSError):
+            self.eof = True
+        return msgs
 
-    def read_available(self, block: bool) -> list[Any]:
-        """Everything the parent has sent so far (waits for the first bytes if ``block``)."""
-        flags = 0 if block else socket.MSG_DONTWAIT
-        while True:
-            try:
-                data = self.sock.recv(1 << 20, flags)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                data = b""
-            if not data:
-                self.eof = True
-                break
-            self.buf += data
-            flags = socket.MSG_DONTWAIT
-        return split_frames(self.buf)
-
-    def read_config(self) -> dict:
-        while True:
-            msgs = self.read_available(block=True)
-            if msgs:
-                return msgs[0]
-            if self.eof:
-                raise SystemExit(0)
+    def reply(self, msg: tuple) -> None:
+        try:
+            self.conn.send_bytes(marshal.dumps(msg))
+        except OSError:
+            self.eof = True  # the parent is gone: keep writing what we have, then stop
 
     # -------------------------------------------------------------- setup
 
     def open(self, cfg: dict) -> AuditWriter:
-        keys = [SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(raw))
-                for raw in cfg["retired"]]
-        key = SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(cfg["key"]),
-                                      tuple(keys))
+        key = _key(cfg["key"], tuple(_key(raw) for raw in cfg["retired"]))
         directory = Path(cfg["directory"])
-        self.test_faults = bool(cfg.get("test_faults"))
         w = AuditWriter(
             directory, key, cfg["origin"], fsync=cfg["fsync"],
             rotate_bytes=cfg["rotate_bytes"], rotate_seconds=cfg["rotate_seconds"],
@@ -176,91 +146,56 @@ class _Child:
 
     # -------------------------------------------------------------- main loop
 
-    def fault(self, what: str) -> None:
-        if not self.test_faults:
-            return
-        from . import writer as wmod
-
-        def failing_fsync(fd: int) -> None:
-            raise OSError(errno.EIO, "Input/output error (test fault)")
-
-        def failing_write(fd: int, data: bytes) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device (test fault)")
-
-        if what == "fsync":
-            wmod.os.fsync = failing_fsync  # type: ignore[assignment]
-        elif what == "write":
-            wmod._write_all = failing_write  # type: ignore[assignment]
-
     def run(self) -> int:
         w = self.writer
         assert w is not None
         ppid = os.getppid()
         closing = False
         while not closing:
-            timeout = w._checkpoint_timeout()
-            timeout = PARENT_CHECK_SECONDS if timeout is None else min(timeout,
-                                                                       PARENT_CHECK_SECONDS)
-            readable, _, _ = select.select([self.sock], [], [], timeout)
-            msgs = self.read_available(block=False) if readable else []
-            items: list[_Item] = []
-            slots: list[int | str] = []  # per answered frame: index into items, or an error
-            for msg in msgs:
-                op = msg[0]
-                if op == "a":
-                    try:
-                        item = w._prepare(msg[1], msg[2])
-                    except AuditRecordError as exc:
-                        slots.append(str(exc))
-                        continue
-                    slots.append(len(items))
-                    items.append(item)
-                elif op == "k":
-                    new = SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(msg[1]))
-                    slots.append(len(items))
-                    items.append(_Item("key_rotation", {}, None, new))
-                elif op == "c":
-                    closing = True
-                elif op == "f":
-                    self.fault(msg[1])
+            due = w.checkpoint_due_in()
+            msgs = self.receive(PARENT_CHECK_SECONDS if due is None
+                                else min(due, PARENT_CHECK_SECONDS))
+            results: list[dict | AuditRecordError] = []
+            batch: list[tuple[str, dict]] = []
+            try:
+                for msg in msgs:
+                    op = msg[0]
+                    if op == "a":
+                        batch.append((msg[1], msg[2]))
+                    elif op == "k":  # in order: what came before is written first
+                        results += w.append_batch(batch)
+                        batch = []
+                        results.append(w.rotate_key_sync(_key(msg[1])))
+                    elif op == "c":
+                        closing = True
+                results += w.append_batch(batch)  # also a time checkpoint, when due
+            except AuditError:
+                return self.fatal("write")
+            if results:
+                self.reply(("A", [_result(r) for r in results], _stats(w)))
             if self.eof or os.getppid() != ppid:
                 closing = True
-            if items or w._cp_time_due():
-                try:
-                    records = w._write_batch(items)
-                except Exception as exc:
-                    return self.fatal("write", exc)
-                if slots:
-                    results = [_envelope(records[s]) if isinstance(s, int) else s
-                               for s in slots]
-                    self.reply(("A", results, _stats(w)))
-            elif slots:  # only refused records
-                self.reply(("A", slots, _stats(w)))
         try:
-            w._finish([])
-        except Exception as exc:
-            return self.fatal("close", exc)
+            w.close_sync()
+        except AuditError:
+            return self.fatal("close")
         self.reply(("C", _stats(w)))
         return 0
 
-    def reply(self, msg: tuple) -> None:
-        try:
-            self.send(msg)
-        except OSError:
-            self.eof = True  # the parent is gone: keep writing what we have, then stop
-
-    def fatal(self, what: str, exc: BaseException) -> int:
+    def fatal(self, what: str) -> int:
+        """Tell the parent why the writer failed (it logged CRITICAL already), and exit."""
         w = self.writer
-        if w is not None:
-            w._close_fd()
-            w.stats.write_failures += 1
-        path = (w._path or w.directory) if w is not None else "?"
-        self.reply(("F", what, f"{type(exc).__name__}: {exc} ({path})"))
+        assert w is not None
+        exc = w.failure
+        self.reply(("F", what, f"{type(exc).__name__}: {exc} "
+                               f"({w.current_file or w.directory})"))
         return 2
 
 
-def _envelope(rec: dict) -> tuple | dict:
-    """What the parent needs to rebuild an appended record: it has kind and fields."""
+def _result(rec: dict | AuditRecordError) -> tuple | dict | str:
+    """What the parent needs to answer an append: it has kind and fields."""
+    if isinstance(rec, AuditRecordError):
+        return str(rec)
     if rec["kind"] == "key_rotation":
         return rec
     return (rec["seq"], rec["ts"], rec["prev"], rec["key_id"], rec["sig"])
@@ -288,21 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    sock = socket.socket(fileno=int(argv[0]))
-    sock.setblocking(True)
-    child = _Child(sock)
+    child = _Child(Connection(int(argv[0])))
     root = logging.getLogger("residency_gate")
     root.handlers[:] = [_ForwardHandler(child)]
     root.setLevel(logging.INFO)
     root.propagate = False
-    cfg = child.read_config()
+    msgs = child.receive(None)
+    if not msgs:  # EOF before the config: the parent is gone
+        return 0
     try:
-        child.open(cfg)
+        w = child.open(msgs[0])
     except Exception as exc:  # AuditError, or a bad key: the parent raises AuditError
         child.reply(("F", "open", str(exc)))
         return 1
-    w = child.writer
-    assert w is not None
     child.reply(("R", {"pid": os.getpid(), "seq": w.next_seq, "head": w.head,
                        "stats": _stats(w)}))
     return child.run()

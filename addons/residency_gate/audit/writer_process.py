@@ -3,15 +3,16 @@
 Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80 µs), and the
 proxy writes two per request. In-process, that work runs on a thread that shares the
 GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
-process (``python -m residency_gate.audit.writer_child``, see there for the protocol) runs the
-unchanged :class:`AuditWriter` code; the proxy only marshals the fields, writes all the
-appends of one event-loop iteration to a socketpair in one ``send``, and resolves each
-append when the child reports its group commit durable (fsynced).
+process (``python -m residency_gate.audit.writer_child``, see there for the protocol) runs
+:class:`AuditWriter`; the proxy only marshals the fields, writes all the appends of one
+event-loop iteration to a socketpair in one ``send`` (an asyncio stream), and resolves
+each append when the child reports its group commit durable (fsynced).
 
 Same guarantees as :class:`AuditWriter`: ``append`` returns only once the record is on
-disk; the first write/fsync failure, the child dying, or no acknowledgement within
-``ack_timeout`` fails the writer for good (CRITICAL log, every pending and later append
-raises AuditError); ``close`` flushes, writes the final checkpoint and waits for the child.
+disk; the first write/fsync failure, the child dying or sending garbage, or no
+acknowledgement within ``ack_timeout`` fails the writer for good (CRITICAL log, every
+pending and later append raises AuditError); ``close`` flushes, writes the final
+checkpoint and waits for the child.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import json
 import logging
 import marshal
 import os
-import selectors
 import socket
 import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from .canonical import CanonicalError, canonical
 from .chain import RESERVED, VERSION
 from .keys import SigningKey
 from .writer import AuditError, AuditRecordError, AuditStats
-from .writer_child import HEADER, frame, split_frames
+from .writer_child import MAX_FRAME
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -45,6 +46,7 @@ log = logging.getLogger("residency_gate.audit")
 # writer process per request instead of two.
 DEFERRED_KINDS = frozenset({"outcome"})
 DEFER_SECONDS = 0.002
+HEADER = 4  # multiprocessing.connection's length prefix: 4 bytes, big-endian
 
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding residency_gate/
 
@@ -72,7 +74,6 @@ class ProcessAuditWriter:
         anchor_file: Path | None = None,
         ack_timeout: float = 10.0,
         start_timeout: float = 60.0,
-        test_faults: bool = False,
     ) -> None:
         if fsync not in ("group", "always"):
             raise ValueError(f"fsync must be 'group' or 'always', not {fsync!r}")
@@ -91,23 +92,24 @@ class ProcessAuditWriter:
             "checkpoint_every": int(checkpoint_every),
             "checkpoint_seconds": float(checkpoint_seconds),
             "anchor_file": str(self.anchor_file) if self.anchor_file else None,
-            "lock_timeout": float(start_timeout) / 2, "test_faults": bool(test_faults),
+            "lock_timeout": float(start_timeout) / 2,
         }
         self._stats = AuditStats()
         self._state = "new"  # new -> open -> closing -> closed
         self._failed: BaseException | None = None
         self._proc: subprocess.Popen | None = None
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # ours; the streams get a dup of it
+        # bound to the event loop of the latest caller
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._rbuf = bytearray()
-        self._rmem = memoryview(bytearray(1 << 16))
-        self._out: list[bytes] = []        # frames of this loop iteration, not yet sent
-        self._wbuf = b""                   # sent partially: the rest waits for writability
+        self._connected: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._stream_sock: socket.socket | None = None  # the dup the streams use
+        self._reader: asyncio.Task | None = None
+        self._out: list[bytes] = []        # frames of this loop iteration, not yet written
         self._flush_scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._writer_armed = False
         # per frame that gets an answer, in order: (future, time queued, kind, fields)
-        self._waiting: collections.deque[tuple[asyncio.Future | None, float, str, Any]] = \
+        self._waiting: collections.deque[tuple[asyncio.Future, float, str, Any]] = \
             collections.deque()
         self._stats_raw: tuple | None = None  # the child's AuditStats, as sent
         self._watchdog: asyncio.TimerHandle | None = None
@@ -162,17 +164,18 @@ class ProcessAuditWriter:
         self._sock = parent
         cfg = dict(self._config, pid=os.getpid(), key=_raw(self.key),
                    retired=[_raw(k) for k in self.key.retired])
+        conn = Connection(os.dup(parent.fileno()))  # blocking, for the handshake only
         try:
-            parent.settimeout(self.start_timeout)
-            parent.sendall(frame(marshal.dumps(cfg)))
-            ready = self._handshake(time.monotonic() + self.start_timeout)
+            conn.send_bytes(marshal.dumps(cfg))
+            ready = self._handshake(conn, time.monotonic() + self.start_timeout)
         except (OSError, AuditError, ValueError, EOFError) as exc:
             self._stop_child(kill=True)
             if isinstance(exc, AuditError):
                 raise
             raise AuditError(f"cannot open audit log in {self.directory}: "
                              f"audit writer process: {exc}") from exc
-        parent.setblocking(False)
+        finally:
+            conn.close()
         self._stats_raw = ready["stats"]
         self._state = "open"
 
@@ -212,7 +215,8 @@ class ProcessAuditWriter:
         self._state = "closing"
         try:
             if self._failed is None:
-                self._bind(loop)
+                await self._bind(loop)
+            if self._failed is None:
                 self._closed_fut = loop.create_future()
                 self._queue(marshal.dumps(("c",)), None)
                 try:
@@ -232,29 +236,9 @@ class ProcessAuditWriter:
             await loop.run_in_executor(None, self._stop_child, self._failed is not None)
 
     def close_sync(self) -> None:
-        """Like close(), for when no event loop is running."""
-        if self._state != "open":
-            self._stop_child(kill=self._failed is not None)
-            return
-        self._state = "closing"
-        self._unbind()
-        try:
-            if self._failed is None:
-                data = self._wbuf + b"".join(self._out)
-                self._wbuf, self._out = b"", []
-                data += frame(marshal.dumps(("c",)))
-                try:
-                    self._pump_sync(data, time.monotonic() + self.ack_timeout)
-                except (OSError, ValueError, EOFError, AuditError) as exc:
-                    self._fail(exc if isinstance(exc, AuditError) else AuditError(
-                        f"audit writer process: {exc}"))
-                if self._failed is not None:
-                    raise AuditError(f"audit log close failed: {self._failed}")
-            else:
-                self._fail_waiting()
-        finally:
-            self._state = "closed"
-            self._stop_child(kill=self._failed is not None)
+        """Like close(), for when no event loop is running: runs close() on a private one."""
+        with asyncio.Runner() as runner:
+            runner.run(self.close())
 
     # ------------------------------------------------------------------ sending
 
@@ -267,8 +251,9 @@ class ProcessAuditWriter:
 
     async def _submit(self, payload: bytes, kind: str, fields: dict | None) -> dict:
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
+        if loop is not self._loop or self._writer is None:
+            await self._bind(loop)
+            self._check_usable()
         fut = loop.create_future()
         self._queue(payload, (fut, time.monotonic(), kind, fields), kind not in DEFERRED_KINDS)
         return await fut
@@ -290,106 +275,96 @@ class ProcessAuditWriter:
             self._flush_timer = loop.call_later(DEFER_SECONDS, self._flush)
 
     def _flush(self) -> None:
-        """Send every frame queued in this loop iteration with one send()."""
+        """Write every frame queued in this loop iteration at once (one send())."""
         self._flush_scheduled = False
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        if self._failed is not None or self._sock is None:
-            return
-        if self._out:
+        if self._failed is None and self._writer is not None and self._out:
             data = b"".join(self._out)
             self._out.clear()
-            self._wbuf = self._wbuf + data if self._wbuf else data
-        if self._writer_armed or not self._wbuf:
-            return  # the writability callback sends it
-        self._send_some()
+            self._writer.write(data)  # the transport buffers what the socket does not take
 
-    def _send_some(self) -> None:
-        assert self._sock is not None and self._loop is not None
+    # ------------------------------------------------------------------ the connection
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Talk to the writer process on ``loop`` (the loop of the latest caller)."""
+        if self._loop is not loop:
+            self._unbind()
+            if self._failed is not None:
+                return
+            self._loop = loop
+            self._connected = loop.create_task(self._connect(), name="audit-writer-connect")
+        assert self._connected is not None
+        await asyncio.shield(self._connected)
+
+    async def _connect(self) -> None:
+        assert self._sock is not None
         try:
-            n = self._sock.send(self._wbuf)
-        except (BlockingIOError, InterruptedError):
-            n = 0
+            sock = self._sock.dup()  # closing the stream closes only this
         except OSError as exc:
             self._fail(AuditError(f"audit writer process unreachable: {exc}"))
             return
-        self._wbuf = self._wbuf[n:]
-        if self._wbuf and not self._writer_armed:
-            self._loop.add_writer(self._sock.fileno(), self._on_writable)
-            self._writer_armed = True
-        elif not self._wbuf and self._writer_armed:
-            self._loop.remove_writer(self._sock.fileno())
-            self._writer_armed = False
-
-    def _on_writable(self) -> None:
-        if self._failed is not None:
-            return
-        if self._out:
-            self._wbuf += b"".join(self._out)
-            self._out.clear()
-        self._send_some()
-
-    # ------------------------------------------------------------------ receiving
-
-    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read acknowledgements on ``loop`` (the loop of the latest caller)."""
-        if self._loop is loop:
-            return
-        self._unbind(strand=True)
-        self._loop = loop
-        if self._sock is not None and self._failed is None:
-            loop.add_reader(self._sock.fileno(), self._on_readable)
-
-    def _unbind(self, strand: bool = False) -> None:
-        loop, self._loop = self._loop, None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        self._flush_scheduled = False
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        if loop is None or self._sock is None:
-            return
-        for remove in (loop.remove_reader, loop.remove_writer):
-            try:
-                remove(self._sock.fileno())
-            except (RuntimeError, ValueError, OSError):  # loop closed
-                pass
-        self._writer_armed = False
-        if strand and self._waiting:
-            # appends on a loop that is gone: nobody can be told they are durable, so they
-            # fail; their slots stay (the child answers in order) without a future
-            for fut, *_rest in self._waiting:
-                if fut is not None and not fut.done():
-                    try:
-                        fut.set_exception(AuditError("audit record appended on an event loop "
-                                                     "that is gone"))
-                    except RuntimeError:
-                        pass
-            self._waiting = collections.deque((None, *rest) for _f, *rest in self._waiting)
-
-    def _on_readable(self) -> None:
-        assert self._sock is not None
         try:
-            n = self._sock.recv_into(self._rmem)
-        except (BlockingIOError, InterruptedError):
-            return
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
         except OSError as exc:
-            n = 0
-            log.debug("audit writer socket: %s", exc)
-        if not n:
-            self._on_eof()
+            sock.close()
+            self._fail(AuditError(f"audit writer process unreachable: {exc}"))
             return
-        self._rbuf += self._rmem[:n]
+        if self._connected is not asyncio.current_task():  # unbound (failed) meanwhile
+            writer.transport.abort()
+            sock.close()
+            return
+        self._writer, self._stream_sock = writer, sock
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read(reader), name="audit-writer-acks")
+
+    def _unbind(self) -> None:
+        """Stop using the current loop's streams (the loop is going away, or another one
+        took over); our socket stays open. Answers still due cannot be read any more
+        (the old stream may hold them), so the writer fails if any are."""
+        self._loop = None
+        writer, self._writer = self._writer, None
+        stream_sock, self._stream_sock = self._stream_sock, None
+        reader, self._reader = self._reader, None
+        self._connected = None
+        for handle in (self._watchdog, self._flush_timer):
+            if handle is not None:
+                handle.cancel()
+        self._watchdog = self._flush_timer = None
+        self._flush_scheduled = False
+        if reader is not None and reader is not asyncio.current_task():
+            try:
+                reader.cancel()
+            except RuntimeError:  # its loop is closed
+                pass
+        if writer is not None:
+            try:
+                writer.transport.abort()
+            except RuntimeError:  # its loop is closed
+                pass
+        if stream_sock is not None:
+            stream_sock.close()  # now, even if the loop never runs again
+        if self._waiting and self._failed is None:
+            self._fail(AuditError(f"the event loop of {len(self._waiting)} unacknowledged "
+                                  "audit record(s) went away"))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        """Handle the writer process's messages until it closes the socket."""
         try:
-            msgs = split_frames(self._rbuf)
-        except ValueError as exc:
-            self._fail(AuditError(f"audit writer process sent garbage: {exc}"))
-            return
-        for msg in msgs:
-            self._handle(msg)
+            while self._failed is None:
+                size = int.from_bytes(await reader.readexactly(HEADER), "big", signed=True)
+                if not 0 <= size <= MAX_FRAME:
+                    raise ValueError(f"message of {size} bytes")
+                self._handle(marshal.loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, OSError):  # EOF, or the socket broke
+            self._on_eof()
+        except asyncio.CancelledError:
+            if self._reader is asyncio.current_task():  # not by _unbind: the loop is ending
+                self._unbind()
+            raise
+        except Exception as exc:
+            self._fail(AuditError(f"audit writer process sent garbage: {exc!r}"))
 
     def _handle(self, msg: tuple) -> None:
         op = msg[0]
@@ -403,43 +378,34 @@ class ProcessAuditWriter:
                                           "than it was sent"))
                     return
                 fut, _t, kind, fields = waiting.popleft()
-                if fut is None or fut.done():
+                if fut.done():
                     continue
-                try:
-                    if type(res) is tuple:  # (seq, ts, prev, key_id, sig): rebuild the record
-                        seq, ts, prev, key_id, sig = res
-                        rec = {"v": VERSION, "origin": origin, "seq": seq, "ts": ts,
-                               "kind": kind, "prev": prev, "key_id": key_id}
-                        rec.update(fields)
-                        if kind == "decision" and "id" not in rec:
-                            rec["id"] = f"{origin}:{seq}"
-                        rec["sig"] = sig
-                        fut.set_result(rec)
-                    elif type(res) is dict:
-                        fut.set_result(res)
-                    else:
-                        fut.set_exception(AuditRecordError(res))
-                except RuntimeError:  # its loop is closed
-                    pass
+                if type(res) is tuple:  # (seq, ts, prev, key_id, sig): rebuild the record
+                    seq, ts, prev, key_id, sig = res
+                    rec = {"v": VERSION, "origin": origin, "seq": seq, "ts": ts,
+                           "kind": kind, "prev": prev, "key_id": key_id}
+                    rec.update(fields)
+                    if kind == "decision" and "id" not in rec:
+                        rec["id"] = f"{origin}:{seq}"
+                    rec["sig"] = sig
+                    fut.set_result(rec)
+                elif type(res) is dict:
+                    fut.set_result(res)
+                else:
+                    fut.set_exception(AuditRecordError(res))
         elif op == "L":
             log.log(msg[1], "%s", msg[2])
-        elif op == "F":
-            self._fail(OSError(f"{msg[1]} failed in the audit writer process: {msg[2]}"))
+        elif op == "F":  # the child's AuditWriter logged it CRITICAL (forwarded just before)
+            self._fail(OSError(f"{msg[1]} failed in the audit writer process: {msg[2]}"),
+                       logged=True)
         elif op == "C":
             self._stats_raw = msg[1]
             if self._waiting:
                 self._fail(AuditError("audit writer process closed with records unanswered"))
             if self._closed_fut is not None and not self._closed_fut.done():
                 self._closed_fut.set_result(None)
-        elif op == "R":
-            pass
 
     def _on_eof(self) -> None:
-        if self._loop is not None and self._sock is not None:
-            try:
-                self._loop.remove_reader(self._sock.fileno())
-            except (RuntimeError, ValueError, OSError):
-                pass
         if self._closed_fut is not None and self._closed_fut.done():
             return
         code = self._proc.poll() if self._proc else None
@@ -451,8 +417,7 @@ class ProcessAuditWriter:
         self._watchdog = None
         if not self._waiting or self._failed is not None or self._loop is None:
             return
-        oldest = self._waiting[0][1]
-        late = time.monotonic() - oldest
+        late = time.monotonic() - self._waiting[0][1]
         if late >= self.ack_timeout:
             self._fail(AuditError(f"audit writer process did not acknowledge a record within "
                                   f"{self.ack_timeout:.0f}s (hung?)"))
@@ -462,107 +427,53 @@ class ProcessAuditWriter:
 
     # ------------------------------------------------------------------ failure
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, *, logged: bool = False) -> None:
         if self._failed is None:
             self._failed = exc
             self.stats.write_failures = max(1, self.stats.write_failures)
-            log.critical(
-                "AUDIT LOG WRITE FAILED (%s: %s) in %s; the audit writer is permanently "
-                "failed and no further records will be written: LLM traffic must stop",
-                type(exc).__name__, exc, self.directory,
-            )
+            if not logged:
+                log.critical(
+                    "AUDIT LOG WRITE FAILED (%s: %s) in %s; the audit writer is permanently "
+                    "failed and no further records will be written: LLM traffic must stop",
+                    type(exc).__name__, exc, self.directory,
+                )
         self._fail_waiting()
         if self._closed_fut is not None and not self._closed_fut.done():
             self._closed_fut.set_exception(AuditError(str(exc)))
             self._closed_fut.exception()  # retrieved: close() reports it
-        if self._loop is not None and self._sock is not None:
-            for remove in (self._loop.remove_reader, self._loop.remove_writer):
-                try:
-                    remove(self._sock.fileno())
-                except (RuntimeError, ValueError, OSError):
-                    pass
-            self._writer_armed = False
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self._unbind()
 
     def _fail_waiting(self) -> None:
         waiting, self._waiting = self._waiting, collections.deque()
         self._out.clear()
         for fut, *_rest in waiting:
-            if fut is not None and not fut.done():
+            if not fut.done():
                 try:
                     fut.set_exception(AuditError(f"audit record not written: {self._failed}"))
-                except RuntimeError:
+                except RuntimeError:  # its loop is closed
                     pass
 
     # ------------------------------------------------------------------ sync helpers
 
-    def _handshake(self, deadline: float) -> dict:
-        """Read frames (blocking) until the child reports ready or failed."""
-        assert self._sock is not None
+    def _handshake(self, conn: Connection, deadline: float) -> dict:
+        """Read messages (blocking) until the child reports ready or failed."""
         while True:
-            for msg in self._read_sync(deadline):
-                op = msg[0]
-                if op == "R":
-                    return msg[1]
-                if op == "L":
-                    log.log(msg[1], "%s", msg[2])
-                elif op == "F":
-                    raise AuditError(msg[2] if msg[1] == "open" else
-                                     f"cannot open audit log in {self.directory}: {msg[2]}")
-
-    def _read_sync(self, deadline: float) -> list:
-        assert self._sock is not None
-        self._sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            data = self._sock.recv(1 << 20)
-        except TimeoutError:
-            raise AuditError("the audit writer process did not answer in time") from None
-        if not data:
-            code = self._proc.wait(5) if self._proc else None
-            raise AuditError(f"the audit writer process exited (code {code})")
-        self._rbuf += data
-        return split_frames(self._rbuf)
-
-    def _pump_sync(self, data: bytes, deadline: float) -> None:
-        """Send ``data`` and read answers until the child reports closed (no loop running)."""
-        sock = self._sock
-        assert sock is not None
-        sock.setblocking(False)
-        sel = selectors.DefaultSelector()
-        try:
-            sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if data else 0))
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AuditError("audit writer process did not close in time")
-                for _k, ev in sel.select(left):
-                    if ev & selectors.EVENT_WRITE and data:
-                        try:
-                            n = sock.send(data)
-                        except BlockingIOError:
-                            n = 0
-                        data = data[n:]
-                        if not data:
-                            sel.modify(sock, selectors.EVENT_READ)
-                    if ev & selectors.EVENT_READ:
-                        try:
-                            chunk = sock.recv(1 << 20)
-                        except BlockingIOError:
-                            continue
-                        if not chunk:
-                            raise AuditError("audit writer process exited before closing")
-                        self._rbuf += chunk
-                        for msg in split_frames(self._rbuf):
-                            if msg[0] == "C":
-                                self._handle(msg)
-                                return
-                            self._handle(msg)
-                            if self._failed is not None:
-                                return
-        finally:
-            sel.close()
+            left = deadline - time.monotonic()
+            if left <= 0 or not conn.poll(left):
+                raise AuditError("the audit writer process did not answer in time")
+            try:
+                msg = marshal.loads(conn.recv_bytes(MAX_FRAME))
+            except EOFError:
+                code = self._proc.wait(5) if self._proc else None
+                raise AuditError(f"the audit writer process exited (code {code})") from None
+            op = msg[0]
+            if op == "R":
+                return msg[1]
+            if op == "L":
+                log.log(msg[1], "%s", msg[2])
+            elif op == "F":
+                raise AuditError(msg[2] if msg[1] == "open" else
+                                 f"cannot open audit log in {self.directory}: {msg[2]}")
 
     def _stop_child(self, kill: bool = False) -> None:
         proc, self._proc = self._proc, None
