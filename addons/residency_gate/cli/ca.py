@@ -5,15 +5,8 @@
     residency-gate ca install-subca --cert CERT.pem --key KEY.pem [--chain CHAIN.pem] [--force]
 
 The certs directory is ``--certs-dir``, else ``args.default_certs_dir`` (set by
-the main CLI from the config's ``certs_dir``), else ``./certs``. Files follow
-mitmproxy's names so mitmproxy loads them unchanged:
-
-    mitmproxy-ca.pem        private key + CA certificate (+ chain): the signing CA (secret)
-    mitmproxy-ca.p12        the same as PKCS#12 (secret)
-    mitmproxy-ca-cert.pem   the CA certificate clients must trust (PEM)
-    mitmproxy-ca-cert.cer   the same bytes, for Android
-    mitmproxy-ca-cert.p12   the certificate as PKCS#12, for Windows
-    mitmproxy-dhparam.pem   DH parameters
+the main CLI from the config's ``certs_dir``), else ``./certs``; its files are
+described in ``ops/ca.py``.
 
 Bad input is reported as one line on stderr with exit status 1 or 2; never a traceback.
 """
