@@ -90,3 +90,14 @@ def test_catalog_list(tmp_path):
     assert all(e["source"] and e["reviewed"] for e in data["endpoints"])
     text = run("catalog", "list", cwd=tmp_path).stdout
     assert "api.scaleway.ai" in text and "unconfirmed" in text
+
+
+def test_docs_providers_lists_every_endpoint():
+    """docs/providers.md is what people read: it must not drift from the catalog."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "providers.md").read_text()
+    catalog = shipped_catalog()
+    assert f"{len(catalog.providers)} providers, {len(catalog.endpoints)} endpoints" in text
+    for e in catalog.endpoints:
+        assert f"| `{e.provider.id}` |" in text and f"| `{e.id}` |" in text, e.key
