@@ -20,7 +20,7 @@ import pytest
 
 from residency_gate.catalog.config import load_config
 from residency_gate.catalog.source import InvalidSource
-from residency_gate.ops import workers
+from residency_gate.ops import worker, workers
 
 
 async def _handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -37,18 +37,18 @@ def test_worker_loop_shares_listen_ports_and_the_probe_sees_it() -> None:
     apart. asyncio itself is not patched."""
 
     async def main() -> None:
-        assert isinstance(asyncio.get_running_loop(), workers.ReusePortLoop)
+        assert isinstance(asyncio.get_running_loop(), worker.ReusePortLoop)
         first = await asyncio.start_server(_handler, "127.0.0.1", 0)
         addr = first.sockets[0].getsockname()
         second = await asyncio.start_server(_handler, "127.0.0.1", addr[1])
         assert _reuseport(first) and _reuseport(second)
-        assert workers.listen_port_shared([addr])
+        assert worker.listen_port_shared([addr])
         with pytest.raises(OSError):  # a listener like the admin one cannot share it
             await asyncio.start_server(_handler, "127.0.0.1", addr[1], reuse_port=False)
         plain = await asyncio.start_server(_handler, "127.0.0.1", 0, reuse_port=False)
         assert not _reuseport(plain)
-        assert not workers.listen_port_shared([addr, plain.sockets[0].getsockname()])
-        assert not workers.listen_port_shared([])
+        assert not worker.listen_port_shared([addr, plain.sockets[0].getsockname()])
+        assert not worker.listen_port_shared([])
         # the probe took no share: every connection still reaches a listener
         for _ in range(20):
             _, w = await asyncio.open_connection(*addr)
@@ -57,7 +57,7 @@ def test_worker_loop_shares_listen_ports_and_the_probe_sees_it() -> None:
             s.close()
             await s.wait_closed()
 
-    asyncio.run(main(), loop_factory=workers.ReusePortLoop)
+    asyncio.run(main(), loop_factory=worker.ReusePortLoop)
     assert asyncio.start_server.__module__ == "asyncio.streams"
 
 
@@ -66,7 +66,7 @@ def test_default_loop_does_not_share_ports() -> None:
         first = await asyncio.start_server(_handler, "127.0.0.1", 0)
         addr = first.sockets[0].getsockname()
         assert not _reuseport(first)
-        assert not workers.listen_port_shared([addr])
+        assert not worker.listen_port_shared([addr])
         first.close()
         await first.wait_closed()
 
@@ -74,10 +74,10 @@ def test_default_loop_does_not_share_ports() -> None:
 
 
 def test_loop_factory_only_in_a_worker_child(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
-    assert workers.loop_factory() is None
-    monkeypatch.setenv(workers.WORKER_ENV, "1")
-    assert workers.loop_factory() is workers.ReusePortLoop
+    monkeypatch.delenv(worker.WORKER_ENV, raising=False)
+    assert worker.loop_factory() is None
+    monkeypatch.setenv(worker.WORKER_ENV, "1")
+    assert worker.loop_factory() is worker.ReusePortLoop
 
 
 def test_admin_listener_never_shares_its_port_on_a_worker_loop() -> None:
@@ -90,20 +90,20 @@ def test_admin_listener_never_shares_its_port_on_a_worker_loop() -> None:
             with pytest.raises(OSError):
                 await AdminServer("127.0.0.1", first.port, CollectorRegistry(), dict).start()
 
-    asyncio.run(main(), loop_factory=workers.ReusePortLoop)
+    asyncio.run(main(), loop_factory=worker.ReusePortLoop)
 
 
 def test_worker_env_origin_admin(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
-    assert workers.worker_index() is None
-    monkeypatch.setenv(workers.WORKER_ENV, "3")
-    assert workers.worker_index() == 3
-    monkeypatch.setenv(workers.WORKER_ENV, "x")
+    monkeypatch.delenv(worker.WORKER_ENV, raising=False)
+    assert worker.worker_index() is None
+    monkeypatch.setenv(worker.WORKER_ENV, "3")
+    assert worker.worker_index() == 3
+    monkeypatch.setenv(worker.WORKER_ENV, "x")
     with pytest.raises(ValueError):
-        workers.worker_index()
-    assert workers.worker_origin("gw-8080", 1) == "gw-8080-w1"
-    assert workers.worker_admin(("127.0.0.1", 9464), 2) == ("127.0.0.1", 9466)
-    assert workers.worker_admin(("127.0.0.1", 0), 2) == ("127.0.0.1", 0)
+        worker.worker_index()
+    assert worker.worker_origin("gw-8080", 1) == "gw-8080-w1"
+    assert worker.worker_admin(("127.0.0.1", 9464), 2) == ("127.0.0.1", 9466)
+    assert worker.worker_admin(("127.0.0.1", 0), 2) == ("127.0.0.1", 0)
 
 
 def test_config_key(tmp_path: Path) -> None:

@@ -119,7 +119,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..ops.run import run
-    from ..ops.workers import supervise, worker_index
+    from ..ops.worker import worker_index
+    from ..ops.workers import supervise
 
     bundle = _valid_bundle_or_exit(args.config)
     try:

@@ -18,7 +18,7 @@ from ..catalog.bundle import Bundle
 from ..catalog.freshness import oldest_by_provider
 from ..proxy.addon import ResidencyGate
 from ..proxy.interface import Gate
-from . import workers
+from . import worker
 from .embed import CA_CERT, gate_master, mitmproxy_options
 from .logs import setup_logging
 from .metrics import METRICS
@@ -31,15 +31,15 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
     config = bundle.config
     config.certs_dir.mkdir(parents=True, exist_ok=True)
     ca_existed = (config.certs_dir / CA_CERT).exists()
-    # `run --workers N`: this is worker i of N (see workers.py); None when single-process.
-    worker = workers.worker_index()
+    # `run --workers N`: this is worker i of N (see worker.py); None when single-process.
+    index = worker.worker_index()
     origin = config.audit.origin
     admin_addr = config.admin
-    if worker is not None:
-        workers.setup_child(worker)
-        origin = workers.worker_origin(origin, worker)
+    if index is not None:
+        worker.setup_child(index)
+        origin = worker.worker_origin(origin, index)
         if admin_addr is not None:
-            admin_addr = workers.worker_admin(admin_addr, worker)
+            admin_addr = worker.worker_admin(admin_addr, index)
     writer = open_audit(config.audit, config.certs_dir, origin)
     gate = Gate(bundle=bundle, audit=writer, metrics=METRICS)
     try:
@@ -115,9 +115,9 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         log.info("residency-gate listening on %s:%d (mode %s), catalog %s, audit origin %s",
                  config.listen[0], config.listen[1], config.mode, bundle.catalog.revision,
                  origin)
-        if worker is not None:
-            if workers.listen_port_shared(master.addons.get("proxyserver").listen_addrs()):
-                workers.notify_ready()
+        if index is not None:
+            if worker.listen_port_shared(master.addons.get("proxyserver").listen_addrs()):
+                worker.notify_ready()
             else:  # never serve a share of the port silently alone
                 log.critical("worker listener is not using SO_REUSEPORT; stopping")
                 master.shutdown()
@@ -149,8 +149,8 @@ def _listening(master) -> bool:
 def run(bundle: Bundle, config_arg: str | None = None) -> int:
     setup_logging(bundle.config.log_format, bundle.config.log_level)
     try:
-        # a worker child's loop binds its listeners with SO_REUSEPORT (workers.py)
-        return asyncio.run(serve(bundle, config_arg), loop_factory=workers.loop_factory())
+        # a worker child's loop binds its listeners with SO_REUSEPORT (worker.py)
+        return asyncio.run(serve(bundle, config_arg), loop_factory=worker.loop_factory())
     except KeyboardInterrupt:
         return 0
     except OSError as e:
