@@ -203,6 +203,38 @@ def request(flow):
 '''
 
 
+# What a pass-through gate costs in bare mitmdump: a script addon in the hooks the gate uses,
+# streaming responses as the gate does (so SSE and large bodies compare like for like).
+PASS_THROUGH = '''
+def request(flow):
+    pass
+
+def responseheaders(flow):
+    flow.response.stream = True
+'''
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process tree in KiB (Linux /proc), for memory-flatness checks."""
+    total, todo = 0, [pid]
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(entry)
+            if st is not None:
+                children.setdefault(int(st[1]), []).append(int(entry))
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+        todo += children.get(p, [])
+    return total
+
+
 @dataclass
 class ProxyProc:
     name: str
@@ -226,7 +258,8 @@ class ProxyProc:
 
 
 def start_mitmdump(workdir: Path, fake: FakeServer, *, strategy: str = "lazy",
-                   answer_451: bool = False, name: str = "mitmdump") -> ProxyProc:
+                   answer_451: bool = False, pass_through: bool = False,
+                   name: str = "mitmdump") -> ProxyProc:
     """Bare mitmdump with the options residency-gate sets (see `through` for the traffic)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -234,9 +267,9 @@ def start_mitmdump(workdir: Path, fake: FakeServer, *, strategy: str = "lazy",
            "--set", f"confdir={workdir / 'conf'}",
            "--set", f"connection_strategy={strategy}",
            "--set", f"ssl_verify_upstream_trusted_ca={fake.trust_bundle()}"]
-    if answer_451:
-        script = workdir / "answer451.py"
-        script.write_text(ANSWER_451)
+    if answer_451 or pass_through:
+        script = workdir / "addon.py"
+        script.write_text(ANSWER_451 if answer_451 else PASS_THROUGH)
         cmd += ["-s", str(script)]
     log = workdir / "proxy.log"
     with log.open("wb") as out:
@@ -529,6 +562,43 @@ async def _sse_once(spec: Spec) -> tuple[float, float, int]:
 
 def sse_once(spec: Spec) -> tuple[float, float, int]:
     return asyncio.run(_sse_once(spec))
+
+
+async def _drain_get(spec: Spec) -> int:
+    """GET spec.path through the proxy and read the whole body, discarding it."""
+    ctx = client_context(spec.ca_pem)
+    reader, writer = await open_tunnel(spec, ctx)
+    host = spec.host if spec.port == 443 or spec.connect_host else f"{spec.host}:{spec.port}"
+    writer.write(f"GET {spec.path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                 .encode())
+    total = 0
+    while chunk := await reader.read(1 << 16):
+        total += len(chunk)
+    writer.close()
+    return total
+
+
+def stream_memory(spec: Spec, pid: int) -> tuple[int, int, int]:
+    """(idle RSS KiB, peak RSS KiB while streaming, bytes read) of a proxy process tree."""
+    import threading
+
+    idle = rss_kb(pid)
+    peak = [idle]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kb(pid))
+            done.wait(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        n = asyncio.run(_drain_get(spec))
+    finally:
+        done.set()
+        t.join()
+    return idle, peak[0], n
 
 
 # --------------------------------------------------------------------------- printing

@@ -43,6 +43,7 @@ from benchlib import (
     sse_once,
     start_mitmdump,
     start_rg,
+    stream_memory,
     through,
     workdir_base,
 )
@@ -52,12 +53,73 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:5.2f}" if b else "  n/a"
 
 
+def cpu_per_request(base: Path, fake: FakeServer, procs: list[ProxyProc], *, clients: int,
+                    seconds: float, warmup: float, rounds: int) -> None:
+    """Section 0: CPU seconds of each proxy's process tree (proxy + audit writer child) per
+    request, the figure that holds on a shared machine; rounds interleaved, medians."""
+    with ThreadPoolExecutor() as pool:
+        futures = [
+            pool.submit(start_mitmdump, base / "bare", fake, pass_through=True,
+                        name="mitmdump -q + pass-through addon"),
+            pool.submit(start_rg, base / "rg-cpu", fake),
+            pool.submit(start_rg, base / "rg-reroute", fake, name="residency-gate reroute",
+                        extra={"residency": {"on_violation": "reroute"}}),
+        ]
+        for f in futures:
+            if f.exception() is None:
+                procs.append(f.result())
+        bare, rg, rr = (f.result() for f in futures)
+    cases = {
+        "bare mitmdump, forwarded": (bare, {}),
+        "gate allowed, forwarded": (rg, {TAG_HEADER: "global"}),
+        "gate blocked (451, no upstream)": (rg, {TAG_HEADER: "eu"}),
+        "gate rerouted (eu.api.openai.com)": (rr, {TAG_HEADER: "eea_ch"}),
+    }
+    per: dict[str, list[float]] = {k: [] for k in cases}
+    rps: dict[str, list[float]] = {k: [] for k in cases}
+    print(f"== 0. CPU per request: {clients} keep-alive HTTPS clients, {seconds:.1f} s per case, "
+          f"{rounds} interleaved rounds (medians); proxy = its whole process tree")
+    for _ in range(rounds):
+        for name, (proxy, headers) in cases.items():
+            r = load(name, through(proxy, fake, headers=headers), clients=clients,
+                     warmup=warmup, seconds=seconds, pids={"proxy": proxy.pid})
+            if r.requests:
+                per[name].append(1000 * r.cpu["proxy"] * r.seconds / r.requests)
+                rps[name].append(r.rps)
+    med = {k: statistics.median(v) if v else float("nan") for k, v in per.items()}
+    base_ms = med["bare mitmdump, forwarded"]
+    print(f"{'path':36} {'ms CPU/req':>10} {'req/s':>7} {'vs bare forwarded':>18}")
+    for name in cases:
+        print(f"{name:36} {med[name]:10.2f} {statistics.median(rps[name] or [0]):7.0f} "
+              f"{med[name] / base_ms:17.2f}x")
+    print(f"  goals: allowed <= 1.00x bare ({'met' if med['gate allowed, forwarded'] <= base_ms else 'NOT met'}), "
+          f"blocked <= 0.50x ({'met' if med['gate blocked (451, no upstream)'] <= 0.5 * base_ms else 'NOT met'})")
+    slow = "/slow?n=6&seconds=1"
+    first = {}
+    for label, proxy in (("bare", bare), ("gate", rg)):
+        runs = [sse_once(through(proxy, fake, path=slow, headers={TAG_HEADER: "global"}))
+                for _ in range(5)]
+        first[label] = statistics.median(x[0] for x in runs)
+    print(f"  SSE first byte: bare {first['bare']:.1f} ms, gate {first['gate']:.1f} ms "
+          f"({first['gate'] - first['bare']:+.1f} ms; goal within 1 ms)")
+    for label, proxy in (("bare", bare), ("gate", rg)):
+        idle, peak, n = stream_memory(through(proxy, fake, path="/big?mb=100",
+                                              headers={TAG_HEADER: "global"}), proxy.pid)
+        print(f"  100 MB response through {label}: {n / 1e6:.0f} MB read, RSS idle "
+              f"{idle / 1024:.0f} MB, peak {peak / 1024:.0f} MB (+{(peak - idle) / 1024:.0f} MB)")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~15 s instead of ~60 s")
     ap.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
     ap.add_argument("--seconds", type=float, default=None, help="measurement window per case")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (./var/bench-*)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="only section 0: CPU per request, bare mitmdump vs residency-gate")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds for section 0 (median taken; default 3, 5 full)")
     args = ap.parse_args()
     quick = args.quick
     T = args.seconds or (0.8 if quick else 2.5)
@@ -71,6 +133,10 @@ def main() -> int:
     procs: list[ProxyProc] = []
     try:
         fake = FakeServer(base / "fake")
+        cpu_per_request(base, fake, procs, clients=8, seconds=max(T, 1.5), warmup=W,
+                        rounds=args.rounds or (3 if quick or args.cpu else 5))
+        if args.cpu:
+            return 0
         with ThreadPoolExecutor() as pool:  # start the proxies side by side
             futures = [
                 pool.submit(start_mitmdump, base / "mitmdump", fake),
