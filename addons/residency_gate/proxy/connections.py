@@ -1,5 +1,7 @@
-"""Connection-level hooks: which TLS to intercept, raw streams, and `resolve`.
+"""Connection-level hooks: who may connect, which TLS to intercept, raw streams, `resolve`.
 
+  client_connected -> only loopback and access.clients may use the proxy
+  http_connect     -> CONNECT only to access.connect_ports (403 otherwise)
   tls_clienthello  -> intercept only catalog hosts (by CONNECT target or SNI); tunnel the rest
   tcp_start        -> raw (non-HTTP) streams to an LLM host are killed, never relayed
   server_connect   -> connect where `resolve` says, SNI and certificate still on the host name
@@ -7,15 +9,66 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
-from mitmproxy import connection, tcp, tls
+from mitmproxy import connection, http, tcp, tls
 from mitmproxy.proxy import server_hooks
 
+from ..core import wording
 from ..core.admission import is_ip
 from .interface import GateHolder
 
 log = logging.getLogger("residency_gate")
+
+
+class Access:
+    """Not an open relay: clients outside `access.clients` are disconnected before they
+    send anything, and CONNECT reaches only `access.connect_ports` (Squid's SSL_ports).
+    Reads the bundle in force, so both follow a reload."""
+
+    def __init__(self, owner: GateHolder) -> None:
+        self.owner = owner
+
+    def _count(self, reason: str) -> None:
+        gate = self.owner.gate
+        if gate is not None and gate.metrics:
+            gate.metrics.refused_connections.labels(reason=reason).inc()
+
+    def client_connected(self, client: connection.Client) -> None:
+        try:
+            allowed = self.owner.gate.bundle.config.access.clients
+            if not allowed:
+                return
+            address = ipaddress.ip_address(client.peername[0].split("%", 1)[0])
+            if isinstance(address, ipaddress.IPv6Address):
+                address = address.ipv4_mapped or address
+            if address.is_loopback or any(address in net for net in allowed):
+                return
+            reason = wording.client_not_allowed(str(address))
+        except Exception:
+            log.exception("cannot check a client against access.clients; closing (fail closed)")
+            reason = "access check failed"
+        log.warning("%s", reason)
+        client.error = reason  # mitmproxy closes the connection at once
+        self._count("client")
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return  # already answered (proxyauth's 407)
+        try:
+            ports = self.owner.gate.bundle.config.access.connect_ports
+            if flow.request.port in ports:
+                return
+            message = wording.connect_port_refused(flow.request.host, flow.request.port,
+                                                   sorted(ports))
+        except Exception:
+            log.exception("cannot check a CONNECT against access.connect_ports; refusing it")
+            message = wording.internal_error("checking the CONNECT target") + "\n"
+        log.warning("refused CONNECT %s:%d from %s", flow.request.host, flow.request.port,
+                    flow.client_conn.peername[0] if flow.client_conn.peername else "?")
+        flow.response = http.Response.make(403, message, {"Content-Type": "text/plain"})
+        self._count("connect_port")
 
 
 class Interception:
