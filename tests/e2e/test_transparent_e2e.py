@@ -74,6 +74,7 @@ def redirected(netns: None, start_proxy: Any, tmp_path: Path) -> Iterator[dict[s
         config = {
             "listen": f"{HOST_IP}:{proxy_port}",
             "mode": "transparent",
+            "access": {"clients": [f"{CLIENT_IP}/32"]},  # beyond loopback: say who may use it
             "upstream_ca": str(provider.ca_pem),
             "resolve": {
                 "us.api.openai.com": f"{HOST_IP}:{port}",
