@@ -25,8 +25,9 @@ import yaml
 
 from .conftest import RESIDENCY_GATE, TAG_HEADER, Proxy
 from .fakeprovider import PLAIN_HOST, PLAIN_PAGE, FakeProvider, free_port
+from .netns import missing, sh, veth_namespace
 from .opshelpers import CHAT, KeepAlive, metrics, wait_reloads
-from .rawhttp import connect_tunnel
+from .rawhttp import connect_tunnel, tunnel_request
 
 pytestmark = pytest.mark.e2e
 
@@ -139,14 +140,10 @@ def raw_connect(proxy: Proxy, target: str) -> tuple[str, bytes]:
 
 
 def tunnelled_page(proxy: Proxy, fake: FakeProvider, port: int) -> bytes:
-    sock = connect_tunnel(proxy.host, proxy.port, PLAIN_HOST, port)
-    ctx = ssl.create_default_context(cafile=str(fake.ca_pem))  # not intercepted
-    with ctx.wrap_socket(sock, server_hostname=PLAIN_HOST) as tls:
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {PLAIN_HOST}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
-    return data
+    """CONNECT plain host:port, TLS trusting only the fake's CA (not intercepted), GET /."""
+    ctx = ssl.create_default_context(cafile=str(fake.ca_pem))
+    return tunnel_request(proxy.host, proxy.port, connect_host=PLAIN_HOST, connect_port=port,
+                          ssl_context=ctx, method="GET").body
 
 
 def test_connect_only_to_allowed_ports(start_proxy: Any, fake: FakeProvider) -> None:
@@ -215,29 +212,12 @@ VETH_HOST, VETH_CLIENT = f"rgah{os.getpid() % 100000}", f"rgac{os.getpid() % 100
 HOST_IP, CLIENT_IP = "10.213.8.1", "10.213.8.2"  # this test's own veth pair, nothing else
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
 @pytest.fixture
 def client_netns() -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (a network namespace for a non-loopback client)")
-    for tool in ("ip", "curl"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
-    sh("ip", "netns", "add", NS)
-    try:
-        sh("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CLIENT)
-        sh("ip", "link", "set", VETH_CLIENT, "netns", NS)
-        sh("ip", "addr", "add", f"{HOST_IP}/30", "dev", VETH_HOST)
-        sh("ip", "link", "set", VETH_HOST, "up")
-        sh("ip", "netns", "exec", NS, "ip", "addr", "add", f"{CLIENT_IP}/30", "dev", VETH_CLIENT)
-        sh("ip", "netns", "exec", NS, "ip", "link", "set", VETH_CLIENT, "up")
+    if (why := missing("curl")) is not None:
+        pytest.skip(why)
+    with veth_namespace(NS, VETH_HOST, VETH_CLIENT, HOST_IP, CLIENT_IP):
         yield
-    finally:
-        sh("ip", "link", "del", VETH_HOST, check=False)
-        sh("ip", "netns", "del", NS, check=False)
 
 
 def curl_from_client(proxy: Proxy, url: str) -> subprocess.CompletedProcess:
