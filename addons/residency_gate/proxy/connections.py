@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 
 from mitmproxy import connection, http, tcp, tls
 from mitmproxy.proxy import server_hooks
@@ -27,19 +28,32 @@ class Access:
     send anything, and CONNECT reaches only `access.connect_ports` (Squid's SSL_ports).
     Reads the bundle in force, so both follow a reload."""
 
+    LOG_EVERY_SECONDS = 60.0  # per client address: a scanner must not flood the log
+    LOG_MEMORY = 1024  # addresses remembered for that
+
     def __init__(self, owner: GateHolder) -> None:
         self.owner = owner
+        self._logged: dict[tuple[str, str], float] = {}
 
-    def _count(self, reason: str) -> None:
+    def _refused(self, reason: str, address: str, line: str) -> None:
+        """Count every refusal; log it once a minute per client address and reason."""
         gate = self.owner.gate
         if gate is not None and gate.metrics:
             gate.metrics.refused_connections.labels(reason=reason).inc()
+        now, key = time.monotonic(), (reason, address)
+        last = self._logged.get(key)
+        if last is not None and now - last < self.LOG_EVERY_SECONDS:
+            return
+        if len(self._logged) >= self.LOG_MEMORY:
+            self._logged.clear()
+        self._logged[key] = now
+        log.warning("%s", line)
 
     def client_connected(self, client: connection.Client) -> None:
         try:
             allowed = self.owner.gate.bundle.config.access.clients
-            if not allowed:
-                return
+            if not allowed or not client.peername:
+                return  # no list, or no network peer (local redirect mode)
             address = ipaddress.ip_address(client.peername[0].split("%", 1)[0])
             if isinstance(address, ipaddress.IPv6Address):
                 address = address.ipv4_mapped or address
@@ -49,9 +63,8 @@ class Access:
         except Exception:
             log.exception("cannot check a client against access.clients; closing (fail closed)")
             reason = "access check failed"
-        log.warning("%s", reason)
         client.error = reason  # mitmproxy closes the connection at once
-        self._count("client")
+        self._refused("client", str(client.peername[0] if client.peername else "?"), reason)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -65,10 +78,10 @@ class Access:
         except Exception:
             log.exception("cannot check a CONNECT against access.connect_ports; refusing it")
             message = wording.internal_error("checking the CONNECT target") + "\n"
-        log.warning("refused CONNECT %s:%d from %s", flow.request.host, flow.request.port,
-                    flow.client_conn.peername[0] if flow.client_conn.peername else "?")
         flow.response = http.Response.make(403, message, {"Content-Type": "text/plain"})
-        self._count("connect_port")
+        peer = str(flow.client_conn.peername[0] if flow.client_conn.peername else "?")
+        self._refused("connect_port", peer, f"refused CONNECT {flow.request.host}:"
+                      f"{flow.request.port} from {peer} (access.connect_ports)")
 
 
 class Interception:
