@@ -8,11 +8,18 @@
 #                         check -c /etc/residency-gate/residency-gate.yaml
 #                         audit verify /data/audit
 #
-# Environment:
+# Environment (all but RG_CONFIG only shape the default config; a mounted config is used
+# as it is):
 #   RG_CONFIG          config file to use when present (/etc/residency-gate/residency-gate.yaml)
 #   RG_DATA            data directory for the default config (/data: certs/, audit/)
-#   RG_LISTEN          proxy listen address for the default config (0.0.0.0:8080)
-#   RG_ADMIN           admin listen address for the default config (0.0.0.0:9464)
+#   RG_LISTEN          proxy listen address (0.0.0.0:8080)
+#   RG_ADMIN           admin listen address (0.0.0.0:9464)
+#   RG_CLIENTS         client networks allowed to use the proxy, comma-separated CIDRs
+#                      (172.16.0.0/12,192.168.0.0/16: Docker's bridge networks, i.e. what
+#                      comes through a published port or from containers beside it)
+#   RG_ORIGIN          the audit origin (this instance's name in the audit chain); default:
+#                      the host name, or "residency-gate" when the host name is a container
+#                      ID (which changes with every re-creation of the container)
 #   RG_DEFAULT_CONFIG  where the default config is written (${TMPDIR:-/tmp}/residency-gate.yaml)
 set -eu
 
@@ -20,6 +27,8 @@ RG_CONFIG="${RG_CONFIG:-/etc/residency-gate/residency-gate.yaml}"
 RG_DATA="${RG_DATA:-/data}"
 RG_LISTEN="${RG_LISTEN:-0.0.0.0:8080}"
 RG_ADMIN="${RG_ADMIN:-0.0.0.0:9464}"
+RG_CLIENTS="${RG_CLIENTS-172.16.0.0/12,192.168.0.0/16}"
+RG_ORIGIN="${RG_ORIGIN:-}"
 RG_DEFAULT_CONFIG="${RG_DEFAULT_CONFIG:-${TMPDIR:-/tmp}/residency-gate.yaml}"
 
 die() {
@@ -35,10 +44,44 @@ check_value() {
     esac
 }
 
+yaml_clients() {
+    # RG_CLIENTS (a,b,c) as a YAML flow list of quoted CIDRs
+    out="" old_ifs="$IFS"
+    IFS=,
+    for net in $RG_CLIENTS; do
+        case "$net" in
+            '' | *[!0-9A-Fa-f.:/]*) IFS="$old_ifs"; die "RG_CLIENTS must be CIDRs separated by commas, got: $RG_CLIENTS" ;;
+        esac
+        out="$out${out:+, }\"$net\""
+    done
+    IFS="$old_ifs"
+    echo "[$out]"
+}
+
+audit_origin() {
+    # RG_ORIGIN, or the host name unless it is a container ID (12 hex digits)
+    if [ -n "$RG_ORIGIN" ]; then
+        case "$RG_ORIGIN" in
+            *[!A-Za-z0-9._:-]*) die "RG_ORIGIN may hold letters, digits and . _ : - only, got: $RG_ORIGIN" ;;
+        esac
+        echo "$RG_ORIGIN"
+        return
+    fi
+    host="${HOSTNAME:-$(cat /proc/sys/kernel/hostname 2>/dev/null || true)}"
+    case "$host" in
+        [0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f])
+            echo "entrypoint: the host name $host is a container ID, which changes when the container is re-created; audit origin \"residency-gate\" instead (set --hostname or RG_ORIGIN to name this instance)" >&2
+            echo residency-gate ;;
+        *) echo null ;;
+    esac
+}
+
 write_default_config() {
     check_value RG_LISTEN "$RG_LISTEN"
     check_value RG_ADMIN "$RG_ADMIN"
     check_value RG_DATA "$RG_DATA"
+    clients=$(yaml_clients)
+    origin=$(audit_origin)
     mkdir -p "$RG_DATA/certs" "$RG_DATA/audit" 2>/dev/null || true
     mkdir -p "$(dirname "$RG_DEFAULT_CONFIG")"
     tmp="$RG_DEFAULT_CONFIG.tmp.$$"
@@ -49,11 +92,14 @@ listen: "$RG_LISTEN"
 mode: regular
 admin: "$RG_ADMIN"
 certs_dir: "$RG_DATA/certs"
+access:
+  clients: $clients
 audit:
   dir: "$RG_DATA/audit"
+  origin: $origin
 CONFIG
     mv "$tmp" "$RG_DEFAULT_CONFIG"
-    echo "entrypoint: no config at $RG_CONFIG; using defaults ($RG_DEFAULT_CONFIG): proxy $RG_LISTEN, admin $RG_ADMIN" >&2
+    echo "entrypoint: no config at $RG_CONFIG; using defaults ($RG_DEFAULT_CONFIG): proxy $RG_LISTEN for clients in $clients, admin $RG_ADMIN" >&2
 }
 
 if [ "$#" -gt 0 ] && [ "$1" != run ]; then

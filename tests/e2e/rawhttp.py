@@ -66,6 +66,7 @@ def tunnel_request(
     proxy_port: int,
     *,
     connect_host: str,
+    connect_port: int = 443,
     ssl_context: ssl.SSLContext,
     sni: str | None = None,
     method: str = "POST",
@@ -75,7 +76,7 @@ def tunnel_request(
     body: bytes = b"",
 ) -> RawResponse:
     """CONNECT connect_host, TLS with ``sni`` (default: connect_host), then one request."""
-    sock = connect_tunnel(proxy_host, proxy_port, connect_host)
+    sock = connect_tunnel(proxy_host, proxy_port, connect_host, connect_port)
     try:
         with ssl_context.wrap_socket(sock, server_hostname=sni or connect_host) as tls:
             return request_over(tls, method, path, host_header or connect_host, headers, body)

@@ -9,8 +9,6 @@ destination. Needs root, `ip` and `iptables` (CI installs iptables).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 
 from .conftest import TAG_HEADER, Proxy
 from .fakeprovider import FakeProvider, free_port
+from .netns import missing, sh, veth_namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -27,36 +26,12 @@ VETH_HOST, VETH_CLIENT = f"rgh{os.getpid() % 100000}", f"rgc{os.getpid() % 10000
 HOST_IP, CLIENT_IP = "10.213.7.1", "10.213.7.2"  # this test's own veth pair, nothing else
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, iptables)"
-    for tool in ("ip", "iptables", "curl"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    return None
-
-
 @pytest.fixture
 def netns() -> Iterator[None]:
-    if (why := _missing()) is not None:
+    if (why := missing("iptables", "curl")) is not None:
         pytest.skip(why)
-    sh("ip", "netns", "add", NS)
-    try:
-        sh("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CLIENT)
-        sh("ip", "link", "set", VETH_CLIENT, "netns", NS)
-        sh("ip", "addr", "add", f"{HOST_IP}/30", "dev", VETH_HOST)
-        sh("ip", "link", "set", VETH_HOST, "up")
-        sh("ip", "netns", "exec", NS, "ip", "addr", "add", f"{CLIENT_IP}/30", "dev", VETH_CLIENT)
-        sh("ip", "netns", "exec", NS, "ip", "link", "set", VETH_CLIENT, "up")
-        sh("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up")
+    with veth_namespace(NS, VETH_HOST, VETH_CLIENT, HOST_IP, CLIENT_IP):
         yield
-    finally:
-        sh("ip", "link", "del", VETH_HOST, check=False)
-        sh("ip", "netns", "del", NS, check=False)
 
 
 @pytest.fixture
@@ -74,6 +49,7 @@ def redirected(netns: None, start_proxy: Any, tmp_path: Path) -> Iterator[dict[s
         config = {
             "listen": f"{HOST_IP}:{proxy_port}",
             "mode": "transparent",
+            "access": {"clients": [f"{CLIENT_IP}/32"]},  # beyond loopback: say who may use it
             "upstream_ca": str(provider.ca_pem),
             "resolve": {
                 "us.api.openai.com": f"{HOST_IP}:{port}",

@@ -38,6 +38,10 @@ EXPECTED = {  # exported name -> (type, label names, help)
     "residency_gate_flows_total": (
         "counter", ("kind",),
         "Client flows, by kind: intercepted (catalog host) or tunnelled (anything else)."),
+    "residency_gate_refused_connections_total": (
+        "counter", ("reason",),
+        "Connections refused before any request: client outside access.clients, or "
+        "CONNECT to a port outside access.connect_ports."),
 }
 
 

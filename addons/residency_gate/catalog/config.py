@@ -42,6 +42,10 @@ DEFAULTS: dict[str, Any] = {
               "anchor": None},
     "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0},
     "log": {"format": "text", "level": "info"},
+    # who may use the proxy, and where CONNECT may go (docs/deploy.md, "Who may use the proxy")
+    "access": {"clients": [], "connect_ports": [443]},
+    # the subject of a CA the proxy creates (an existing CA keeps its own)
+    "ca": {"organization": "residency-gate", "common_name": "residency-gate interception CA"},
 }
 
 
@@ -104,6 +108,23 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    """Who may use the proxy (client networks; loopback always may) and which ports
+    CONNECT may reach (Squid's SSL_ports)."""
+
+    clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    connect_ports: frozenset[int] = frozenset({443})
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    """Subject of the interception CA when the proxy creates one."""
+
+    organization: str = "residency-gate"
+    common_name: str = "residency-gate interception CA"
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the operator said, defaults filled in, paths made absolute."""
 
@@ -133,6 +154,8 @@ class Config:
     workers: int
     revision: str = ""  # hash of the file's bytes ("defaults" without a file)
     doc: SourceDoc | None = field(default=None, compare=False, repr=False)
+    access: AccessConfig = AccessConfig()
+    ca: CaConfig = CaConfig()
 
 
 def find_config(explicit: str | Path | None) -> Path | None:
@@ -193,6 +216,7 @@ def load_config(path: Path | None) -> Config:
             api_key_env=p.get("api_key_env")))
     audit = d["audit"]
     listen = hostport("listen", d["listen"])
+    access = _access(doc, d, listen, problems)
     config = Config(
         path=path,
         listen=listen,
@@ -227,6 +251,8 @@ def load_config(path: Path | None) -> Config:
         workers=d["workers"],
         revision=hashlib.sha256(doc.raw).hexdigest()[:16] if path is not None else "defaults",
         doc=doc,
+        access=access,
+        ca=CaConfig(organization=d["ca"]["organization"], common_name=d["ca"]["common_name"]),
     )
     if config.upstream_ca is not None and not config.upstream_ca.is_file():
         problems.append(doc.problem(("upstream_ca",), f"{config.upstream_ca} does not exist"))
@@ -236,3 +262,41 @@ def load_config(path: Path | None) -> Config:
     if problems:
         raise InvalidSource(problems)
     return config
+
+
+# Modes whose clients do not come to `listen` as to an open proxy: WireGuard peers hold a
+# key, `local` has no listener, `reverse` forwards to one fixed server only.
+_NOT_A_RELAY = ("wireguard", "local", "reverse")
+
+
+def is_loopback(host: str) -> bool:
+    """True when a listen host takes connections from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "", 0.0.0.0, ::, or a name: reachable from elsewhere
+
+
+def _access(doc: SourceDoc, d: dict[str, Any], listen: tuple[str, int],
+            problems: list[Problem]) -> AccessConfig:
+    """`access`, and the rule that keeps the proxy from being an open relay: listening
+    beyond loopback needs proxy_auth or an explicit list of client networks."""
+    clients = []
+    for i, cidr in enumerate(d["access"]["clients"] or []):
+        try:
+            clients.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as e:
+            problems.append(doc.problem(("access", "clients", i), str(e)))
+    access = AccessConfig(clients=tuple(clients),
+                          connect_ports=frozenset(d["access"]["connect_ports"]))
+    mode = str(d["mode"]).split(":", 1)[0].split("@", 1)[0]
+    if (not is_loopback(listen[0]) and mode not in _NOT_A_RELAY and not d["proxy_auth"]
+            and not d["access"]["clients"]):
+        problems.append(doc.problem(("listen",), (
+            f"listen {d['listen']} takes connections from other machines, and nothing limits "
+            "who may use the proxy (an open relay): set proxy_auth, or access.clients to the "
+            "client networks allowed (e.g. [10.20.0.0/16]; [0.0.0.0/0, ::/0] allows anyone "
+            "who can reach it); or listen on 127.0.0.1")))
+    return access

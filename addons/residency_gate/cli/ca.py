@@ -143,7 +143,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
 
     try:
-        store = load_or_create_ca(_certs_dir(args))
+        store = load_or_create_ca(_certs_dir(args), getattr(args, "default_ca_names", None))
         cert = store.default_ca.to_cryptography()
         if args.format == "der":
             data = cert.public_bytes(serialization.Encoding.DER)

@@ -198,6 +198,7 @@ def _late_defaults(args: argparse.Namespace) -> None:
         return
     args.default_audit_dir = config.audit.dir
     args.default_certs_dir = config.certs_dir
+    args.default_ca_names = config.ca
 
     def patterns() -> list[str]:
         from ..catalog.compile import load_catalog

@@ -137,3 +137,14 @@ def decision_timeout(seconds: float) -> str:
 def key_missing(host: str, env: str) -> str:
     return (f"the compliant endpoint {host} needs a key from environment variable {env}, "
             "which is not set on the proxy")
+
+
+def connect_port_refused(host: str, port: int, allowed: list[int]) -> str:
+    return (f"residency-gate refuses CONNECT to {host}:{port}: this proxy tunnels only to "
+            f"port{'s' if len(allowed) > 1 else ''} {', '.join(map(str, allowed))} "
+            "(the operator's access.connect_ports).\n")
+
+
+def client_not_allowed(address: str) -> str:
+    return (f"client {address} is not in access.clients; connection closed (add its network "
+            "there to let it use the proxy)")

@@ -13,11 +13,15 @@ Files follow mitmproxy's names so mitmproxy loads them unchanged:
 from __future__ import annotations
 
 import datetime
+import logging
 import shutil
 import sys
 from pathlib import Path
 
+from ..catalog.config import CaConfig
 from ..fileio import write_atomic
+
+log = logging.getLogger("residency_gate")
 
 __all__ = ["BASENAME", "CaError", "install_subca", "load_or_create_ca"]
 
@@ -29,19 +33,39 @@ class CaError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
-def load_or_create_ca(certs_dir: Path):
-    """mitmproxy's CertStore for certs_dir, creating the CA the way mitmproxy does."""
+def load_or_create_ca(certs_dir: Path, names: CaConfig | None = None, *, quiet: bool = False):
+    """mitmproxy's CertStore for certs_dir, creating the CA the way mitmproxy does, but
+    named as the config says (`ca:`), so that people recognise it in their trust store.
+
+    An existing CA is loaded as it is (clients already trust it); when its subject is not
+    the configured one, a warning says how to get the new name.
+    """
     from mitmproxy.certs import CertStore
 
-    created = not (certs_dir / f"{BASENAME}-ca.pem").exists()
+    names = names or CaConfig()
+    ca_file = certs_dir / f"{BASENAME}-ca.pem"
+    created = not ca_file.exists()
     try:
+        if created:
+            CertStore.create_store(certs_dir, BASENAME, KEY_SIZE,
+                                   organization=names.organization, cn=names.common_name)
         store = CertStore.from_store(certs_dir, BASENAME, KEY_SIZE)
     except OSError as e:
         raise CaError(f"cannot use certs dir {certs_dir}: {e.strerror or e}") from None
     except Exception as e:
-        raise CaError(f"cannot load the CA in {certs_dir / (BASENAME + '-ca.pem')}: {e}") from None
+        raise CaError(f"cannot load the CA in {ca_file}: {e}") from None
+    cert = store.default_ca.to_cryptography()
+    subject = (store.default_ca.organization, store.default_ca.cn)
     if created:
-        print(f"residency-gate ca: created a new interception CA in {certs_dir}", file=sys.stderr)
+        if not quiet:
+            print(f"residency-gate ca: created a new interception CA in {certs_dir} "
+                  f"(CN={names.common_name}, O={names.organization})", file=sys.stderr)
+    elif subject != (names.organization, names.common_name) and cert.issuer == cert.subject:
+        # a generated CA under other names (a sub-CA from the PKI has its own: no warning)
+        log.warning("the interception CA in %s is named CN=%s, O=%s, not as `ca:` says "
+                    "(CN=%s, O=%s); names apply when a CA is created: move the mitmproxy-ca* "
+                    "files away, start again, and give clients the new CA",
+                    certs_dir, subject[1], subject[0], names.common_name, names.organization)
     return store
 
 

@@ -104,11 +104,19 @@ class Metrics:
             "Client flows, by kind: intercepted (catalog host) or tunnelled (anything else).",
             ("kind",), registry=r,
         )
+        self.refused_connections = Counter(
+            "residency_gate_refused_connections_total",
+            "Connections refused before any request: client outside access.clients, or "
+            "CONNECT to a port outside access.connect_ports.",
+            ("reason",), registry=r,
+        )
         # pre-create the fixed label sets so rate() works from the first scrape
         for result in ("ok", "error"):
             self.config_reloads.labels(result=result)
         for kind in ("intercepted", "tunnelled"):
             self.flows.labels(kind=kind)
+        for reason in ("client", "connect_port"):
+            self.refused_connections.labels(reason=reason)
 
     def set_catalog_version(self, version: str) -> None:
         """Export residency_gate_catalog_info{version=...} 1 (only the current one)."""

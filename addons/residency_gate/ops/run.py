@@ -8,8 +8,10 @@ audit log.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 
 from ..audit.open import open_audit
@@ -19,6 +21,7 @@ from ..catalog.freshness import oldest_by_provider
 from ..proxy.addon import ResidencyGate
 from ..proxy.interface import Gate
 from . import worker
+from .ca import CaError, load_or_create_ca
 from .embed import CA_CERT, gate_master, mitmproxy_options
 from .logs import setup_logging
 from .metrics import METRICS
@@ -29,10 +32,17 @@ log = logging.getLogger("residency_gate")
 
 async def serve(bundle: Bundle, config_arg: str | None) -> int:
     config = bundle.config
-    config.certs_dir.mkdir(parents=True, exist_ok=True)
-    ca_existed = (config.certs_dir / CA_CERT).exists()
     # `run --workers N`: this is worker i of N (see worker.py); None when single-process.
     index = worker.worker_index()
+    if index is None:  # (the supervisor checked the shared port itself)
+        problem = listen_problem(config)
+        if problem:
+            log.error("%s", problem)
+            return 1
+    config.certs_dir.mkdir(parents=True, exist_ok=True)
+    ca_existed = (config.certs_dir / CA_CERT).exists()
+    # Created here, not by mitmproxy on first use, so that it carries the configured names.
+    load_or_create_ca(config.certs_dir, config.ca, quiet=True)
     origin = config.audit.origin
     admin_addr = config.admin
     if index is not None:
@@ -104,7 +114,8 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         await asyncio.sleep(0.05)
     if not ca_existed and (config.certs_dir / CA_CERT).exists():
         print(
-            f"residency-gate: created an interception CA in {config.certs_dir}.\n"
+            f"residency-gate: created an interception CA (CN={config.ca.common_name}, "
+            f"O={config.ca.organization}) in {config.certs_dir}.\n"
             f"  Clients must trust {config.certs_dir / CA_CERT} (e.g. SSL_CERT_FILE, "
             "AWS_CA_BUNDLE, NODE_EXTRA_CA_CERTS, or the OS trust store);\n"
             "  `residency-gate ca export` prints it (PEM/DER) and `residency-gate ca pac` "
@@ -137,6 +148,48 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
     return 1 if errored is not None and errored.has_errored else 0
 
 
+def listen_problem(config) -> str | None:
+    """Whether `listen` can be bound, said in residency-gate's terms (mitmproxy's own
+    message would suggest a mitmproxy command-line flag). Bound like asyncio's listener
+    (SO_REUSEADDR) and closed at once; TCP modes only."""
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    try:
+        mode = ProxyMode.parse(config.mode)
+    except ValueError:
+        return None  # `check` reports a bad mode
+    host, port = config.listen
+    if mode.transport_protocol != "tcp" or mode.custom_listen_port is not None or port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(addr)
+    except OSError as e:
+        where = _listen_key(config)
+        if e.errno == errno.EADDRINUSE:
+            return (f"cannot listen on {host}:{port}: the port is already in use (another "
+                    f"residency-gate, or another program). Stop it, or change {where}, "
+                    f"e.g. listen: {host or '0.0.0.0'}:{port + 1}")
+        return f"cannot listen on {host}:{port}: {e.strerror or e}; check {where}"
+    return None
+
+
+def _listen_key(config) -> str:
+    """Where the admin changes the listen address."""
+    doc = config.doc
+    if config.path is None or doc is None:
+        return "`listen:` in a config file (-c FILE, or ./residency-gate.yaml)"
+    if ("listen",) in doc.lines:
+        return f"`listen:` in {config.path}:{doc.line(('listen',))}"
+    return f"`listen:` (add it to {config.path}; the default is 127.0.0.1:8080)"
+
+
 def _listening(master) -> bool:
     proxyserver = master.addons.get("proxyserver")
     servers = getattr(proxyserver, "servers", None)
@@ -153,6 +206,6 @@ def run(bundle: Bundle, config_arg: str | None = None) -> int:
         return asyncio.run(serve(bundle, config_arg), loop_factory=worker.loop_factory())
     except KeyboardInterrupt:
         return 0
-    except OSError as e:
+    except (OSError, CaError) as e:
         log.error("cannot start: %s", e)
         return 1

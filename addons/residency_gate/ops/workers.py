@@ -378,7 +378,7 @@ def supervise(policy: Any, config_arg: str | None, n: int) -> int:
         from .ca import load_or_create_ca
 
         config.certs_dir.mkdir(parents=True, exist_ok=True)
-        load_or_create_ca(config.certs_dir)
+        load_or_create_ca(config.certs_dir, config.ca)
         load_or_create_signing_key(config.certs_dir)
     except Exception as e:
         log.error("cannot start: %s", e)

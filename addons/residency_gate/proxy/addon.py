@@ -30,7 +30,7 @@ from ..catalog.bundle import Bundle
 from ..core import admission, wording
 from ..core.decision import BLOCK, REROUTE, Decision, ReasonCode, refuse
 from ..core.request import Request
-from .connections import Interception, Resolve
+from .connections import Access, Interception, Resolve
 from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
 from .interface import Gate
 from .refusals import refusal
@@ -78,7 +78,7 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
-        self.addons = [Interception(self), Resolve(self)]  # mitmproxy loads nested addons
+        self.addons = [Access(self), Interception(self), Resolve(self)]  # mitmproxy loads nested addons
 
     # ------------------------------------------------------------------ requests
 

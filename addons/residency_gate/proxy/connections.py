@@ -1,5 +1,7 @@
-"""Connection-level hooks: which TLS to intercept, raw streams, and `resolve`.
+"""Connection-level hooks: who may connect, which TLS to intercept, raw streams, `resolve`.
 
+  client_connected -> only loopback and access.clients may use the proxy
+  http_connect     -> CONNECT only to access.connect_ports (403 otherwise)
   tls_clienthello  -> intercept only catalog hosts (by CONNECT target or SNI); tunnel the rest
   tcp_start        -> raw (non-HTTP) streams to an LLM host are killed, never relayed
   server_connect   -> connect where `resolve` says, SNI and certificate still on the host name
@@ -7,15 +9,79 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import time
 
-from mitmproxy import connection, tcp, tls
+from mitmproxy import connection, http, tcp, tls
 from mitmproxy.proxy import server_hooks
 
+from ..core import wording
 from ..core.admission import is_ip
 from .interface import GateHolder
 
 log = logging.getLogger("residency_gate")
+
+
+class Access:
+    """Not an open relay: clients outside `access.clients` are disconnected before they
+    send anything, and CONNECT reaches only `access.connect_ports` (Squid's SSL_ports).
+    Reads the bundle in force, so both follow a reload."""
+
+    LOG_EVERY_SECONDS = 60.0  # per client address: a scanner must not flood the log
+    LOG_MEMORY = 1024  # addresses remembered for that
+
+    def __init__(self, owner: GateHolder) -> None:
+        self.owner = owner
+        self._logged: dict[tuple[str, str], float] = {}
+
+    def _refused(self, reason: str, address: str, line: str) -> None:
+        """Count every refusal; log it once a minute per client address and reason."""
+        gate = self.owner.gate
+        if gate is not None and gate.metrics:
+            gate.metrics.refused_connections.labels(reason=reason).inc()
+        now, key = time.monotonic(), (reason, address)
+        last = self._logged.get(key)
+        if last is not None and now - last < self.LOG_EVERY_SECONDS:
+            return
+        if len(self._logged) >= self.LOG_MEMORY:
+            self._logged.clear()
+        self._logged[key] = now
+        log.warning("%s", line)
+
+    def client_connected(self, client: connection.Client) -> None:
+        try:
+            allowed = self.owner.gate.bundle.config.access.clients
+            if not allowed or not client.peername:
+                return  # no list, or no network peer (local redirect mode)
+            address = ipaddress.ip_address(client.peername[0].split("%", 1)[0])
+            if isinstance(address, ipaddress.IPv6Address):
+                address = address.ipv4_mapped or address
+            if address.is_loopback or any(address in net for net in allowed):
+                return
+            reason = wording.client_not_allowed(str(address))
+        except Exception:
+            log.exception("cannot check a client against access.clients; closing (fail closed)")
+            reason = "access check failed"
+        client.error = reason  # mitmproxy closes the connection at once
+        self._refused("client", str(client.peername[0] if client.peername else "?"), reason)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return  # already answered (proxyauth's 407)
+        try:
+            ports = self.owner.gate.bundle.config.access.connect_ports
+            if flow.request.port in ports:
+                return
+            message = wording.connect_port_refused(flow.request.host, flow.request.port,
+                                                   sorted(ports))
+        except Exception:
+            log.exception("cannot check a CONNECT against access.connect_ports; refusing it")
+            message = wording.internal_error("checking the CONNECT target") + "\n"
+        flow.response = http.Response.make(403, message, {"Content-Type": "text/plain"})
+        peer = str(flow.client_conn.peername[0] if flow.client_conn.peername else "?")
+        self._refused("connect_port", peer, f"refused CONNECT {flow.request.host}:"
+                      f"{flow.request.port} from {peer} (access.connect_ports)")
 
 
 class Interception:
