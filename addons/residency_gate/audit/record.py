@@ -26,9 +26,12 @@ class BodyDigest:
 
 
 def decision_fields(decision: Decision, req: Request, regions: RegionTree,
-                    revisions: dict[str, str], digest: BodyDigest | None = None,
-                    enforced: bool = True) -> dict[str, Any]:
-    """The fields of a `decision` record (the writer adds v/origin/seq/ts/prev/id/sig)."""
+                    revisions: dict[str, str], digest: BodyDigest | None = None
+                    ) -> dict[str, Any]:
+    """The fields of a `decision` record (the writer adds v/origin/seq/ts/prev/id/sig).
+
+    `inputs` with `tags`, `client`, `user`, `method` and `url` are everything the decision
+    read except the body's bytes: `audit replay` rebuilds the request from them."""
     names = regions.region_list
     loc = decision.location
     requirement = decision.requirement
@@ -43,14 +46,14 @@ def decision_fields(decision: Decision, req: Request, regions: RegionTree,
         "endpoint": decision.endpoint_id,
         "model": decision.model,
         "decision": decision.verdict,
-        "enforced": enforced,
+        "enforced": decision.enforced,
         "status": decision.status,
         "code": str(decision.code),
         "reason": decision.reason,
         "requirement": list(requirement.names),
         "requirement_places": names(requirement.places),
-        "requirement_sources": [{"source": p.source, "detail": p.detail, "names": list(p.names)}
-                                for p in requirement.parts],
+        "requirement_sources": [{"source": p.source, "detail": p.detail, "names": list(p.names),
+                                 "mode": p.mode} for p in requirement.parts],
         "places": names(loc.places) if loc else None,
         "processing": names(loc.processing) if loc else None,
         "storage": names(loc.storage) if loc else None,

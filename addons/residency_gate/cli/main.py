@@ -114,7 +114,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
         print(render_text(bundle.regions, req, decision))
-    return 1 if decision.verdict == "block" else 0
+    return 1 if decision.disposition == "block" else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ class Provider:
     source: str
     reviewed: str
     file: str
+    category: str = "api"  # api: an LLM API | app: a consumer AI app (catalog inventory.yaml)
 
 
 @dataclass(frozen=True)
