@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -86,6 +87,24 @@ def outcome_fields(decision_id: str, status: int | None, bytes_in: int, bytes_ou
     return {"decision_id": decision_id, "status": status, "bytes_in": bytes_in,
             "bytes_out": bytes_out, "duration_ms": duration_ms, "error": error,
             "error_kind": error_kind}
+
+
+def inventory_fields(window_start: datetime, window_seconds: int, client: str | None,
+                     user: str | None, provider: str, endpoint: str, host: str,
+                     sni: str | None, requirement: tuple[str, ...],
+                     requirement_places: tuple[str, ...] | None, connections: int,
+                     bytes_up: int, bytes_down: int, duration_ms: int,
+                     would_block: int) -> dict[str, Any]:
+    """The fields of an `inventory` record: tunnelled connections to one AI service (not
+    intercepted: metadata only) from one client and user, in one window."""
+    return {"window_start": window_start.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "window_seconds": window_seconds, "client": client, "user": user,
+            "provider": provider, "endpoint": endpoint, "host": host, "sni": sni,
+            "requirement": list(requirement),
+            "requirement_places": None if requirement_places is None
+            else list(requirement_places),
+            "connections": connections, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "duration_ms": duration_ms, "would_block": would_block}
 
 
 def config_fields(revisions: dict[str, str], config_file: str | None, catalog_files: list[str],

@@ -121,6 +121,13 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
     ctx = OptionContext(regions, azure)
     for endpoint in catalog.endpoints:
         policy.options[endpoint.key] = endpoint.locator.options(endpoint, ctx)
+    # An AI service is not placed; what serves its users instead is its alternative
+    # provider's placed endpoints (ChatGPT -> OpenAI's regional API, ...).
+    for service in catalog.services.endpoints:
+        alternative = catalog.services.alternatives.get(service.key)
+        policy.options[service.key] = [o for e in catalog.endpoints
+                                       if e.provider.id == alternative
+                                       for o in policy.options.get(e.key, ())]
     return policy
 
 

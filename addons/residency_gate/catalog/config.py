@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "private_endpoints": [],
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
-              "anchor": None},
+              "anchor": None, "inventory_seconds": 60},
     "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0},
     "log": {"format": "text", "level": "info"},
 }
@@ -103,6 +103,7 @@ class AuditConfig:
     checkpoint_every: int
     checkpoint_seconds: int
     anchor: Path | None
+    inventory_seconds: int = 60  # AI-app connections are counted, then recorded this often
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,8 @@ def load_config(path: Path | None) -> Config:
             origin=audit["origin"] or f"{socket.gethostname()}-{listen[1]}",
             rotate_bytes=audit["rotate_bytes"], rotate_seconds=audit["rotate_seconds"],
             checkpoint_every=audit["checkpoint_every"],
-            checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"])),
+            checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"]),
+            inventory_seconds=audit["inventory_seconds"]),
         request_body_bytes=d["limits"]["request_body_bytes"],
         decision_timeout=float(d["limits"]["decision_timeout_seconds"]),
         log_format=d["log"]["format"],

@@ -33,6 +33,7 @@ from ..core.request import Request
 from .connections import Interception, Resolve
 from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
 from .interface import Gate
+from .inventory import Inventory
 from .refusals import BlockPage, refusal, wants_page
 
 log = logging.getLogger("residency_gate")
@@ -85,7 +86,8 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
-        self.addons = [Interception(self), Resolve(self)]  # mitmproxy loads nested addons
+        # mitmproxy loads nested addons
+        self.addons = [Interception(self), Resolve(self), Inventory(self)]
 
     # ------------------------------------------------------------------ requests
 
