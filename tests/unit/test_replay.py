@@ -129,7 +129,7 @@ def test_changes_under_a_stricter_candidate(tmp_path) -> None:
     assert changes == {ids[0]: "rerouted", ids[1]: "newly_blocked", ids[2]: None,
                        ids[3]: None}
     assert report.totals()["newly_blocked"] == 1 and report.totals()["rerouted"] == 1
-    assert report.by("network") == {"10.1.0.0/24": {"rerouted": 1},
-                                    "10.2.0.0/24": {"newly_blocked": 1}}
+    assert report.by("network") == {"10.1.0.0/16": {"rerouted": 1},
+                                    "10.2.0.0/16": {"newly_blocked": 1}}
     back = replay((("f", i, r) for i, r in enumerate(records)), assume_keys_present(recorded))
     assert not back.changed and all(r.exact for r in back.results)

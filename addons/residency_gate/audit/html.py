@@ -18,6 +18,7 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color
 background:#f6f7f9}
 main{max-width:1200px;margin:0 auto;padding:16px}
 h1{font-size:1.45em;margin:.3em 0 .4em}h2{font-size:1.15em;margin:1.6em 0 .5em}
+h1,h2,p,li{overflow-wrap:anywhere}
 p{margin:.4em 0}code,.mono{font:13px/1.4 ui-monospace,Menlo,Consolas,monospace;
 overflow-wrap:anywhere}
 .card{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:14px 16px;margin:12px 0}

@@ -151,6 +151,7 @@ class ReplayReport:
     candidate: dict[str, Any]
     recorded_revisions: list[dict[str, str]] = field(default_factory=list)
     results: list[Replayed] = field(default_factory=list)
+    networks: tuple = ()  # the candidate's client networks: how changes are grouped
 
     @property
     def changed(self) -> list[Replayed]:
@@ -164,7 +165,7 @@ class ReplayReport:
         """Changes per client network, user, provider or (new) reason code."""
         out: dict[str, Counter] = defaultdict(Counter)
         for r in self.changed:
-            out[_dimension(r, dimension)][r.change] += 1
+            out[_dimension(r, dimension, self.networks)][r.change] += 1
         return {k: dict(v) for k, v in sorted(out.items())}
 
     def to_dict(self, limit: int | None = None) -> dict[str, Any]:
@@ -183,10 +184,10 @@ class ReplayReport:
         }
 
 
-def _dimension(r: Replayed, dimension: str) -> str:
+def _dimension(r: Replayed, dimension: str, networks: tuple) -> str:
     rec = r.record
     if dimension == "network":
-        return client_network(rec.get("client"))
+        return client_network(rec.get("client"), networks)
     if dimension == "user":
         return rec.get("user") or "-"
     if dimension == "provider":
@@ -216,7 +217,9 @@ def assume_keys_present(bundle: Bundle) -> Bundle:
 def replay(records: Iterable[tuple[str, int, dict[str, Any]]], bundle: Bundle) -> ReplayReport:
     """Re-decide every decision record under `bundle` (streaming over `records`)."""
     report = ReplayReport({"config": str(bundle.config.path or "<defaults>"),
-                           "revisions": bundle.revisions})
+                           "revisions": bundle.revisions},
+                          networks=tuple(r.network for r in bundle.config.clients
+                                         if r.network is not None))
     seen_revisions: list[dict[str, str]] = []
     for _file, _line, rec in records:
         if rec.get("kind") != "decision" or not isinstance(rec.get("url"), str):
