@@ -69,6 +69,12 @@ class Metrics:
             "(not intercepted), by service.",
             ("provider",), registry=r,
         )
+        self.upstream_errors = Counter(
+            "residency_gate_upstream_errors_total",
+            "Forwarded LLM requests that got no response from the provider (connect, TLS or "
+            "protocol error, timeout), by provider.",
+            ("provider",), registry=r,
+        )
         self.decision_seconds = Histogram(
             "residency_gate_decision_seconds",
             "Time to reach a residency decision for one request, in seconds.",

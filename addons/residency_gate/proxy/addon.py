@@ -303,6 +303,9 @@ class ResidencyGate:
             int((time.monotonic() - state.started) * 1000),
             flow.error.msg if flow.error else None)
         state.audit_id = None  # one outcome per decision
+        if flow.error and state.decision is not None and self.gate.metrics:
+            self.gate.metrics.upstream_errors.labels(
+                provider=state.decision.provider or "-").inc()
         if self.gate.audit.healthy:
             self.gate.spawn(self._write_outcome(fields))
 
