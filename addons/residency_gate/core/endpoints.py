@@ -184,4 +184,8 @@ class Catalog:
         return self.apis.get("openai", FALLBACK)
 
     def host_patterns(self) -> list[str]:
-        return sorted({h for e in self.endpoints for h in e.hosts})
+        """Every host the proxy must see (PAC files): provider endpoints and inventory
+        services (`*.domain` as one `{sub}` label)."""
+        services = {h.replace("*.", "{sub}.", 1) for e in self.services.endpoints
+                    for h in e.hosts}
+        return sorted({h for e in self.endpoints for h in e.hosts} | services)
