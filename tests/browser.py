@@ -48,22 +48,21 @@ window.addEventListener("load", function () {{
 """
 
 
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+def require_tool(names: tuple[str, ...], package: str) -> str:
+    """The first of `names` on PATH; skip without it, or fail under CI (CI=true), where
+    .ci/run installs the Debian `package`."""
+    for name in names:
         found = shutil.which(name)
         if found:
             return found
-    return None
+    message = f"{names[0]} is not installed (Debian: apt-get install {package})"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def require_chromium() -> str:
-    found = chromium()
-    if found is None:
-        message = "headless Chromium is not installed (Debian: apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require_tool(("chromium", "chromium-browser", "google-chrome", "chrome"), "chromium")
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,13 @@ metric they name is one the proxy exports."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
+from browser import require_tool
 from residency_gate.ops.metrics import Metrics
 
 MONITORING = Path(__file__).resolve().parents[2] / "docker" / "monitoring"
@@ -49,13 +47,7 @@ def dashboard_exprs() -> list[str]:
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        message = "promtool is not installed (Debian: apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require_tool(("promtool",), "prometheus")
 
 
 def test_alerts_cover_what_an_admin_must_know() -> None:
@@ -88,7 +80,7 @@ def test_dashboard_is_importable() -> None:
     assert len(ids) == len(set(ids))
     for p in doc["panels"]:
         grid = p["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, p["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, p["title"]
         if p["type"] != "row":
             assert p["datasource"]["uid"] == "${datasource}", p["title"]
             assert p["targets"], p["title"]

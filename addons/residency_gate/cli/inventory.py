@@ -27,6 +27,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_inventory)
 
 
+def existing_paths(given: list[str], default: Path, command: str) -> list[Path] | None:
+    """The audit files or directories to read (default: the config's audit.dir); None,
+    said on stderr, when one does not exist."""
+    paths = [Path(p) for p in given] or [Path(default)]
+    for p in paths:
+        if not p.exists():
+            print(f"residency-gate {command}: {p}: no such file or directory", file=sys.stderr)
+            return None
+    return paths
+
+
 def advisor(bundle):
     """What would serve a service's users within a requirement: its placed alternatives
     and the private endpoints inside the requirement."""
@@ -58,11 +69,8 @@ def cmd_inventory(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 1
-    paths = [Path(p) for p in args.paths] or [bundle.config.audit.dir]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        print(f"residency-gate inventory: {missing[0]}: no such file or directory",
-              file=sys.stderr)
+    paths = existing_paths(args.paths, bundle.config.audit.dir, "inventory")
+    if paths is None:
         return 2
     try:
         since = parse_time(args.since) if args.since else None

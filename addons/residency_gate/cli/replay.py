@@ -13,6 +13,7 @@ from pathlib import Path
 from ..audit.replay import CHANGES, assume_keys_present, render_html, replay
 from ..audit.verify import iter_records
 from ..catalog.source import InvalidSource
+from .inventory import existing_paths
 
 
 def register_replay(subparsers) -> None:
@@ -36,12 +37,9 @@ def register_replay(subparsers) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     from ..catalog.bundle import load_bundle
 
-    paths = [Path(p) for p in args.paths] or [
-        Path(getattr(args, "default_audit_dir", None) or "var/audit")]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        print(f"residency-gate audit replay: {missing[0]}: no such file or directory",
-              file=sys.stderr)
+    paths = existing_paths(args.paths, getattr(args, "default_audit_dir", None)
+                           or Path("var/audit"), "audit replay")
+    if paths is None:
         return 2
     try:
         bundle = assume_keys_present(load_bundle(args.candidate))
