@@ -121,18 +121,27 @@ class Services:
     domains: dict[str, Endpoint] = field(default_factory=dict)  # "*.x.com" -> under x.com
     alternatives: dict[str, str] = field(default_factory=dict)  # endpoint key -> provider id
     reviews: list[Review] = field(default_factory=list)
+    _tails: frozenset[str] | None = field(default=None, repr=False)
 
     def match(self, host: str) -> Endpoint | None:
         found = self.exact.get(host)
         if found is not None or not self.domains:
             return found
-        rest = host
-        while "." in rest:
-            rest = rest.split(".", 1)[1]
-            found = self.domains.get(rest)
+        labels = host.split(".")
+        if ".".join(labels[-2:]) not in self.tails:  # most hosts: one dict miss
+            return None
+        for i in range(1, len(labels) - 1):
+            found = self.domains.get(".".join(labels[i:]))
             if found is not None:
                 return found
         return None
+
+    @property
+    def tails(self) -> frozenset[str]:
+        """The last two labels of every `*.domain`: a host ending otherwise matches none."""
+        if self._tails is None:
+            self._tails = frozenset(".".join(d.split(".")[-2:]) for d in self.domains)
+        return self._tails
 
 
 @dataclass

@@ -122,7 +122,10 @@ class Inventory:
         host = context.server.address[0]
         sni = None
         catalog = self.gate.bundle.catalog
-        if is_ip(host) or catalog.service(host) is None:
+        # A CONNECT names the host; an address (transparent mode) needs the SNI. An SNI
+        # naming a service behind a CONNECT to another host is fronting: left to the
+        # normal path, which refuses it.
+        if is_ip(host):
             try:
                 hello = parse_client_hello(data)
             except ValueError:
