@@ -4,6 +4,8 @@ Modes come from the client rule, then the zone, then `on_violation`."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mitmproxy.test import tflow, tutils
 
@@ -208,3 +210,20 @@ def test_browser_gets_the_block_page_api_client_the_json_error(tmp_path, key) ->
 
 def test_flow_helpers_are_real_mitmproxy_flows() -> None:
     assert isinstance(chat_flow(), type(tflow.tflow()))
+
+
+def test_explain_shows_the_mode(tmp_path, capsys) -> None:
+    from residency_gate.cli.main import main
+
+    cfg = tmp_path / "rg.yaml"
+    cfg.write_text("residency:\n  clients:\n    - {cidr: 10.1.0.0/16, require: eu, mode: report}\n")
+    code = main(["explain", "-c", str(cfg), CHAT, "--model", "gpt-4o", "--client", "10.1.2.3"])
+    out = capsys.readouterr().out
+    assert code == 0  # forwarded: report mode
+    assert "from client 10.1.0.0/16: eu (report mode)" in out
+    assert "Mode:         REPORT" in out and "BLOCK (HTTP 451) [outside_requirement]" in out
+    assert main(["explain", "-c", str(cfg), CHAT, "--model", "gpt-4o", "--client", "10.1.2.3",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["decision"], record["enforced"]) == ("block", False)
+    assert record["requirement_sources"][0]["mode"] == "report"
