@@ -40,6 +40,7 @@ AWS_SECRET_ACCESS_KEY = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 
 PLAIN_HOST = "plain.example.test"
 PLAIN_PAGE = b"<html><body>plain.example.test: not an LLM</body></html>\n"
+AI_APP_HOSTS = ("chatgpt.com", "claude.ai")  # consumer AI apps (catalog inventory.yaml)
 
 HOSTS: tuple[str, ...] = (
     "api.openai.com",
@@ -62,6 +63,7 @@ HOSTS: tuple[str, ...] = (
     "api.eu.mistral.ai",
     "onprem.llm.test",
     PLAIN_HOST,
+    *AI_APP_HOSTS,
 )
 CERT_NAMES: tuple[str, ...] = (*HOSTS, "localhost", "127.0.0.1")
 
@@ -483,6 +485,9 @@ class _Handler(BaseHTTPRequestHandler):
         text = f"hello from {rec.host}"
         if rec.host == PLAIN_HOST:
             return self._send(200, PLAIN_PAGE, "text/html", {"X-Fake-Site": "plain"})
+        if rec.host in AI_APP_HOSTS:
+            return self._send(200, b"<html><body>an AI app</body></html>\n", "text/html",
+                              {"X-Fake-Site": "ai-app"})
         if (self.headers.get("Upgrade") or "").lower() == "websocket":
             return self._websocket(rec)
         if path == "/slow":

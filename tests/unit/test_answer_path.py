@@ -91,4 +91,4 @@ def test_records_name_the_revisions_that_decided(tmp_path, key) -> None:
         (tmp_path / "residency-gate.yaml").read_bytes()).hexdigest()[:16]
     assert rec["places"] == ["global"] and rec["requirement_places"] == ["eu"]
     assert rec["inputs"] == {"path": "/v1/chat/completions", "signed": False,
-                             "reads": {"body:model": "gpt-4o"}}
+                             "reads": {"body": "object", "body:model": "gpt-4o"}}

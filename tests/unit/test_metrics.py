@@ -16,6 +16,18 @@ EXPECTED = {  # exported name -> (type, label names, help)
     "residency_gate_decisions_total": (
         "counter", ("provider", "decision", "reason"),
         "Residency decisions taken, by provider, decision and short reason code."),
+    "residency_gate_reported_total": (
+        "counter", ("provider", "decision", "reason"),
+        "Violations in report mode: forwarded, not enforced; by provider, the decision "
+        "enforcing would have taken (block, reroute) and short reason code."),
+    "residency_gate_upstream_errors_total": (
+        "counter", ("provider",),
+        "Forwarded LLM requests that got no response from the provider (connect, TLS or "
+        "protocol error, timeout), by provider."),
+    "residency_gate_inventory_connections_total": (
+        "counter", ("provider",),
+        "Connections to consumer AI apps tunnelled and recorded in the inventory "
+        "(not intercepted), by service."),
     "residency_gate_decision_seconds": (
         "histogram", (), "Time to reach a residency decision for one request, in seconds."),
     "residency_gate_audit_write_seconds": (
@@ -86,6 +98,9 @@ def test_names_types_help_and_no_extra_series():
 def test_label_names():
     m = Metrics()
     m.decision("openai", "block", "place")
+    m.reported.labels(provider="openai", decision="block", reason="unknown_place").inc()
+    m.inventory_connections.labels(provider="chatgpt").inc()
+    m.upstream_errors.labels(provider="openai").inc()
     m.set_catalog_version("v1")
     m.set_review_ages({"openai": 1})
     m.audit_failures.inc()

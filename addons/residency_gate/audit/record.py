@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -26,9 +27,12 @@ class BodyDigest:
 
 
 def decision_fields(decision: Decision, req: Request, regions: RegionTree,
-                    revisions: dict[str, str], digest: BodyDigest | None = None,
-                    enforced: bool = True) -> dict[str, Any]:
-    """The fields of a `decision` record (the writer adds v/origin/seq/ts/prev/id/sig)."""
+                    revisions: dict[str, str], digest: BodyDigest | None = None
+                    ) -> dict[str, Any]:
+    """The fields of a `decision` record (the writer adds v/origin/seq/ts/prev/id/sig).
+
+    `inputs` with `tags`, `client`, `user`, `method` and `url` are everything the decision
+    read except the body's bytes: `audit replay` rebuilds the request from them."""
     names = regions.region_list
     loc = decision.location
     requirement = decision.requirement
@@ -43,14 +47,14 @@ def decision_fields(decision: Decision, req: Request, regions: RegionTree,
         "endpoint": decision.endpoint_id,
         "model": decision.model,
         "decision": decision.verdict,
-        "enforced": enforced,
+        "enforced": decision.enforced,
         "status": decision.status,
         "code": str(decision.code),
         "reason": decision.reason,
         "requirement": list(requirement.names),
         "requirement_places": names(requirement.places),
-        "requirement_sources": [{"source": p.source, "detail": p.detail, "names": list(p.names)}
-                                for p in requirement.parts],
+        "requirement_sources": [{"source": p.source, "detail": p.detail, "names": list(p.names),
+                                 "mode": p.mode} for p in requirement.parts],
         "places": names(loc.places) if loc else None,
         "processing": names(loc.processing) if loc else None,
         "storage": names(loc.storage) if loc else None,
@@ -83,6 +87,24 @@ def outcome_fields(decision_id: str, status: int | None, bytes_in: int, bytes_ou
     return {"decision_id": decision_id, "status": status, "bytes_in": bytes_in,
             "bytes_out": bytes_out, "duration_ms": duration_ms, "error": error,
             "error_kind": error_kind}
+
+
+def inventory_fields(window_start: datetime, window_seconds: int, client: str | None,
+                     user: str | None, provider: str, endpoint: str, host: str,
+                     sni: str | None, requirement: tuple[str, ...],
+                     requirement_places: tuple[str, ...] | None, connections: int,
+                     bytes_up: int, bytes_down: int, duration_ms: int,
+                     would_block: int) -> dict[str, Any]:
+    """The fields of an `inventory` record: tunnelled connections to one AI service (not
+    intercepted: metadata only) from one client and user, in one window."""
+    return {"window_start": window_start.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "window_seconds": window_seconds, "client": client, "user": user,
+            "provider": provider, "endpoint": endpoint, "host": host, "sni": sni,
+            "requirement": list(requirement),
+            "requirement_places": None if requirement_places is None
+            else list(requirement_places),
+            "connections": connections, "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "duration_ms": duration_ms, "would_block": would_block}
 
 
 def config_fields(revisions: dict[str, str], config_file: str | None, catalog_files: list[str],

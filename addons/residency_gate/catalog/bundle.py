@@ -8,7 +8,7 @@ record names.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +18,7 @@ from ..core.locate import OptionContext
 from ..core.places import Places
 from ..core.policy import Policy, PrivateEndpoint
 from ..core.request import AzureResource, Request
-from ..core.requirement import ClientRule, RequirementPart, Requirements
+from ..core.requirement import ENFORCE, REPORT, ClientRule, Requirements
 from .compile import azure_deployment_types, load_catalog
 from .config import Config, find_config, load_config
 from .source import InvalidSource, Problem
@@ -65,16 +65,20 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
             problems.append(doc.problem(path, f"zone {zone!r} shadows a region of the same name"))
             continue
         names[zone] = expand(members, path)
+    # Parts are built by the same `Requirements.part` that builds tag parts at request time,
+    # so a rule's, a zone's and the global mode combine the same way everywhere.
+    modes = Requirements(names, config.header, modes=dict(config.zone_modes),
+                         mode=REPORT if config.on_violation == "report" else ENFORCE)
     rules = []
     for rule in config.clients:
         places = expand(rule.require, ("residency", "clients", rule.index, "require"))
-        part = RequirementPart("client" if rule.network else "user", rule.label, rule.require,
-                               places)
+        part = modes.part("client" if rule.network else "user", rule.label, rule.require,
+                          places, rule.mode)
         rules.append(ClientRule(rule.network, rule.user, part))
     default = None
     if config.default:
-        default = RequirementPart("default", "residency.default", config.default,
-                                  expand(config.default, ("residency", "default")))
+        default = modes.part("default", "residency.default", config.default,
+                             expand(config.default, ("residency", "default")))
     known_types = azure_deployment_types(catalog)
     azure: dict[str, AzureResource] = {}
     azure_keys: dict[str, str] = {}
@@ -108,8 +112,8 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
     key_envs = {*azure_keys.values(), *config.reroute_credentials.values(),
                 *(p.api_key_env for p in private if p.api_key_env)}
     policy = Policy(
-        requirements=Requirements(names, config.header, tuple(rules), default,
-                                  tuple(sorted(config.zones))),
+        requirements=replace(modes, rules=tuple(rules), default=default,
+                             zones=tuple(sorted(config.zones))),
         on_violation=config.on_violation, azure=azure, azure_keys=azure_keys,
         reroute_keys=dict(config.reroute_credentials),
         private=tuple(private),
@@ -117,6 +121,13 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
     ctx = OptionContext(regions, azure)
     for endpoint in catalog.endpoints:
         policy.options[endpoint.key] = endpoint.locator.options(endpoint, ctx)
+    # An AI service is not placed; what serves its users instead is its alternative
+    # provider's placed endpoints (ChatGPT -> OpenAI's regional API, ...).
+    for service in catalog.services.endpoints:
+        alternative = catalog.services.alternatives.get(service.key)
+        policy.options[service.key] = [o for e in catalog.endpoints
+                                       if e.provider.id == alternative
+                                       for o in policy.options.get(e.key, ())]
     return policy
 
 

@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from ..core.endpoints import (
     Provider,
     RerouteSpec,
     Review,
+    Services,
 )
 from ..core.extract import PLACEHOLDER, Extractor, compile_field_pattern, compile_path_pattern
 from ..core.locate import (
@@ -46,6 +47,8 @@ from .regions import build_region_tree
 from .schema import schema_problems
 from .source import InvalidSource, Problem, SourceDoc, load_yaml
 
+INVENTORY = "inventory.yaml"
+
 
 @dataclass(frozen=True)
 class CatalogFiles:
@@ -53,6 +56,7 @@ class CatalogFiles:
     apis: Path
     providers: list[Path]
     dirs: list[Path]  # directories whose new files a reload must notice
+    inventory: list[Path] = field(default_factory=list)  # AI services not placed
 
 
 def catalog_files(extra: Iterable[Path] = ()) -> CatalogFiles:
@@ -60,6 +64,7 @@ def catalog_files(extra: Iterable[Path] = ()) -> CatalogFiles:
     shipped = shipped_dir()
     regions, apis = shipped / "regions.yaml", shipped / "apis.yaml"
     providers = sorted((shipped / "providers").glob("*.yaml"))
+    inventory = [shipped / "inventory.yaml"]  # services merge by id, a later one replaces
     dirs = [shipped / "providers"]
     for entry in extra:
         if entry.is_dir():
@@ -67,18 +72,23 @@ def catalog_files(extra: Iterable[Path] = ()) -> CatalogFiles:
                 regions = entry / "regions.yaml"
             if (entry / "apis.yaml").exists():
                 apis = entry / "apis.yaml"
+            if (entry / INVENTORY).exists():
+                inventory.append(entry / INVENTORY)
             sub = entry / "providers" if (entry / "providers").is_dir() else entry
             providers += sorted(p for p in sub.glob("*.yaml")
-                                if p.name not in ("regions.yaml", "apis.yaml"))
+                                if p.name not in ("regions.yaml", "apis.yaml", INVENTORY))
             dirs += [entry] + ([sub] if sub != entry else [])
         elif entry.name == "regions.yaml":
             regions = entry
         elif entry.name == "apis.yaml":
             apis = entry
+        elif entry.name == INVENTORY:
+            inventory.append(entry)
+            dirs.append(entry.parent)
         else:
             providers.append(entry)
             dirs.append(entry.parent)
-    return CatalogFiles(regions, apis, providers, dirs)
+    return CatalogFiles(regions, apis, providers, dirs, inventory)
 
 
 class _Compiler:
@@ -340,6 +350,9 @@ def load_catalog(extra: Iterable[Path] = ()) -> Catalog:
     problems.extend(_azure_type_problems(all_endpoints, where))
     exact, index, found = _host_index(all_endpoints, where)
     problems.extend(found)
+    inventory_docs = [doc for doc in (read(p, "inventory") for p in files.inventory) if doc]
+    services, found = _services(inventory_docs, compiler.apis, exact, providers)
+    problems.extend(found)
     if problems:
         raise InvalidSource(problems)
     return Catalog(
@@ -347,10 +360,61 @@ def load_catalog(extra: Iterable[Path] = ()) -> Catalog:
         providers={pid: p for pid, (p, _) in providers.items()},
         endpoints=all_endpoints, exact=exact, patterns=index,
         revision=digest.hexdigest()[:16],
-        files=[str(files.regions), str(files.apis), *map(str, files.providers)],
+        files=[str(files.regions), str(files.apis), *map(str, files.providers),
+               *map(str, files.inventory)],
+        services=services,
         dirs=sorted({str(d) for d in files.dirs}),
         reviews=[r for r in compiler.reviews  # of the files in force (a replaced one is not)
                  if r.provider in providers and providers[r.provider][0].file == r.file])
+
+
+def _services(docs: list[SourceDoc], apis: dict[str, Api], exact: dict[str, Endpoint],
+              providers: dict[str, tuple[Provider, list[Endpoint]]]
+              ) -> tuple[Services, list[Problem]]:
+    """Inventory services as Endpoints of unknown place; a later file's id replaces."""
+    problems: list[Problem] = []
+    entries: dict[str, tuple[SourceDoc, int, dict]] = {}
+    for doc in docs:
+        for i, raw in enumerate(doc.data["services"]):
+            entries[raw["id"]] = (doc, i, raw)
+    services = Services()
+    claimed: dict[str, str] = {}
+    for sid, (doc, i, raw) in entries.items():
+        path = ("services", i)
+        api = apis.get(raw.get("api", "other"))
+        if api is None:
+            problems.append(doc.problem((*path, "api"), f"unknown api {raw['api']!r}"))
+            continue
+        alternative = raw.get("alternative")
+        if alternative is not None and alternative not in providers:
+            problems.append(doc.problem((*path, "alternative"),
+                                        f"no catalog provider {alternative!r}"))
+        category = "unplaced_api" if raw["category"] == "llm_api" else "app"
+        provider = Provider(sid, raw["name"], api, raw["source"], str(raw["reviewed"]),
+                            doc.file, category)
+        endpoint = Endpoint(
+            provider=provider, id="app" if category == "app" else "api",
+            name=f"{raw['name']} ({raw['vendor']}, {raw['category'].replace('_', ' ')})",
+            hosts=tuple(raw["hosts"]), model=(), locator=UnconfirmedLocator(),
+            note=raw.get("note", "An AI service whose processing place the catalog does not "
+                                 "know; it satisfies no residency requirement."),
+            source=raw["source"], reviewed=str(raw["reviewed"]))
+        services.endpoints.append(endpoint)
+        services.reviews.append(Review(sid, endpoint.key, endpoint.reviewed, doc.file,
+                                       doc.line((*path, "reviewed"))))
+        if alternative:
+            services.alternatives[endpoint.key] = alternative
+        for j, host in enumerate(raw["hosts"]):
+            name = host.removeprefix("*.")
+            if host in exact:
+                problems.append(doc.problem((*path, "hosts", j), f"host {host!r} is an endpoint "
+                                            f"of {exact[host].key}: list it there only"))
+            elif host in claimed:
+                problems.append(doc.problem((*path, "hosts", j),
+                                            f"host {host!r} is claimed by {claimed[host]} too"))
+            claimed[host] = sid
+            (services.domains if host.startswith("*.") else services.exact)[name] = endpoint
+    return services, problems
 
 
 def _azure_type_problems(endpoints: list[Endpoint], where: dict[str, Where]) -> list[Problem]:

@@ -34,12 +34,13 @@ DEFAULTS: dict[str, Any] = {
     "resolve": {},
     "residency": {"header": "X-Data-Residency", "zones": {}, "default": None, "clients": [],
                   "on_violation": "block"},
+    "block_page": {"contact": None, "instead": None},
     "azure": {"resources": {}},
     "reroute": {"credentials": {}},
     "private_endpoints": [],
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
-              "anchor": None},
+              "anchor": None, "inventory_seconds": 60},
     "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0},
     "log": {"format": "text", "level": "info"},
     # who may use the proxy, and where CONNECT may go (docs/deploy.md, "Who may use the proxy")
@@ -79,6 +80,7 @@ class ClientRuleConfig:
     user: str | None
     require: tuple[str, ...]
     index: int
+    mode: str | None = None  # enforce | report; None: on_violation decides
 
     @property
     def label(self) -> str:
@@ -105,6 +107,7 @@ class AuditConfig:
     checkpoint_every: int
     checkpoint_seconds: int
     anchor: Path | None
+    inventory_seconds: int = 60  # AI-app connections are counted, then recorded this often
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,10 @@ class Config:
     zones: dict[str, tuple[str, ...]]
     default: tuple[str, ...]
     clients: tuple[ClientRuleConfig, ...]
-    on_violation: str
+    on_violation: str  # block | reroute | report
+    zone_modes: dict[str, str]  # zone -> enforce | report, where the zone says
+    block_page_contact: str | None  # who a person asks, on the HTML block page
+    block_page_instead: str | None  # what a person should use instead (e.g. an internal chat)
     azure_resources: dict[str, dict[str, Any]]
     reroute_credentials: dict[str, str]  # reroute target host -> env var with its key
     catalog_max_age: int  # days: older `reviewed` dates are warnings in `check`
@@ -203,7 +209,13 @@ def load_config(path: Path | None) -> Config:
                 problems.append(doc.problem(("residency", "clients", i, "cidr"), str(e)))
                 continue
         clients.append(ClientRuleConfig(network, rule.get("user"), names_list(rule["require"]),
-                                        i))
+                                        i, rule.get("mode")))
+    zones, zone_modes = {}, {}
+    for name, zone in (residency["zones"] or {}).items():  # [places] or {places, mode}
+        places = zone.get("places") if isinstance(zone, dict) else zone
+        zones[name.lower()] = names_list(places)
+        if isinstance(zone, dict) and zone.get("mode"):
+            zone_modes[name.lower()] = zone["mode"]
     private = []
     for i, p in enumerate(d["private_endpoints"] or []):
         url = urlsplit(p["url"])
@@ -229,10 +241,13 @@ def load_config(path: Path | None) -> Config:
         resolve={h.lower().rstrip("."): hostport("resolve", t)
                  for h, t in (d["resolve"] or {}).items()},
         header=residency["header"],
-        zones={k.lower(): names_list(v) for k, v in (residency["zones"] or {}).items()},
+        zones=zones,
         default=names_list(residency["default"]),
         clients=tuple(clients),
         on_violation=residency["on_violation"],
+        zone_modes=zone_modes,
+        block_page_contact=d["block_page"]["contact"],
+        block_page_instead=d["block_page"]["instead"],
         azure_resources={k.lower(): v for k, v in (d["azure"]["resources"] or {}).items()},
         reroute_credentials={h.lower().rstrip("."): v["api_key_env"]
                              for h, v in (d["reroute"]["credentials"] or {}).items()},
@@ -243,7 +258,8 @@ def load_config(path: Path | None) -> Config:
             origin=audit["origin"] or f"{socket.gethostname()}-{listen[1]}",
             rotate_bytes=audit["rotate_bytes"], rotate_seconds=audit["rotate_seconds"],
             checkpoint_every=audit["checkpoint_every"],
-            checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"])),
+            checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"]),
+            inventory_seconds=audit["inventory_seconds"]),
         request_body_bytes=d["limits"]["request_body_bytes"],
         decision_timeout=float(d["limits"]["decision_timeout_seconds"]),
         log_format=d["log"]["format"],

@@ -1,4 +1,4 @@
-"""`residency-gate` command line: run, check, explain, audit, ca.
+"""`residency-gate` command line: run, check, explain, audit, ca, catalog, inventory.
 
 Exit codes: 0 success (explain: allowed or rerouted), 1 invalid input or a
 blocked request (explain) or a damaged audit log (audit verify), 2 usage errors.
@@ -114,7 +114,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
         print(render_text(bundle.regions, req, decision))
-    return 1 if decision.verdict == "block" else 0
+    return 1 if decision.disposition == "block" else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -177,12 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
-    for module in ("residency_gate.cli.audit", "residency_gate.cli.ca", "residency_gate.cli.catalog"):
+    for module in ("residency_gate.cli.audit", "residency_gate.cli.ca", "residency_gate.cli.catalog",
+                   "residency_gate.cli.inventory"):
         try:
             registrar = __import__(module, fromlist=["register"]).register
         except ImportError:
             continue
         registrar(sub)
+    from .replay import register_replay
+
+    register_replay(sub)  # `audit replay`, beside the audit commands of cli/audit.py
     return parser
 
 

@@ -6,6 +6,13 @@ can answer a request is a Decision with a ReasonCode, including the refusals
 that happen before the comparison (fronting, size, undecodable bodies,
 internal errors): one type, so one path writes the response, the record and
 the metric, and `explain` can show every outcome.
+
+Report mode (`mode: report` on a rule or zone, `on_violation: report`) changes
+only whether a violation of the comparison is enforced: the Decision is the one
+an enforced violation gets, with `enforced=False`, and the proxy forwards the
+request. Refusals that are not about places (unknown tag, unreadable body,
+fronting, limits, internal errors) are always enforced: report mode never lets
+broken input through.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ class ReasonCode(StrEnum):
     verdict: str
     status: int
 
+    @property
+    def reportable(self) -> bool:
+        """A violation of the place comparison, which report mode forwards instead."""
+        return self in _REPORTABLE
+
     # forwarded
     NOT_LLM = "not_llm", ALLOW, 0
     NO_REQUIREMENT = "no_requirement", ALLOW, 0
@@ -64,6 +76,12 @@ class ReasonCode(StrEnum):
     DECISION_TIMEOUT = "decision_timeout", BLOCK, 503
 
 
+_REPORTABLE = frozenset({ReasonCode.EMPTY_REQUIREMENT, ReasonCode.UNKNOWN_PLACE,
+                         ReasonCode.OUTSIDE_REQUIREMENT, ReasonCode.NO_COMPLIANT_ROUTE,
+                         ReasonCode.REROUTED})
+REPORT = "report"  # X-Residency-Decision of a forwarded violation in report mode
+
+
 @dataclass(frozen=True)
 class Decision:
     code: ReasonCode
@@ -80,10 +98,16 @@ class Decision:
     route: Route | None = None
     trace: tuple[str, ...] = ()  # the evaluation's steps, as `explain` shows them
     reads: Mapping[str, Any] = field(default_factory=dict)  # body/query values read
+    enforced: bool = True  # False: a violation in report mode, forwarded unchanged
 
     @property
     def verdict(self) -> str:
         return self.code.verdict
+
+    @property
+    def disposition(self) -> str:
+        """What the client is told happened (`X-Residency-Decision`)."""
+        return self.code.verdict if self.enforced else REPORT
 
     @property
     def status(self) -> int:
@@ -155,10 +179,13 @@ def judge(catalog: Catalog, policy: Policy, req: Request, view: RequestView,
     if requirement.places is None:
         return Decision(ReasonCode.NO_REQUIREMENT, "No residency requirement applies.",
                         trace=(*trace, "no requirement: allow"), **common)
+    places = location.places
+    enforced = requirement.enforces(places)
+    mode = "" if enforced else " (report mode: forwarded)"
     if not requirement.places:
         return Decision(ReasonCode.EMPTY_REQUIREMENT, wording.empty_requirement(requirement),
-                        trace=(*trace, "requirement is empty: block"), **common)
-    places = location.places
+                        trace=(*trace, f"requirement is empty: block{mode}"), enforced=enforced,
+                        **common)
     if places is not None and places <= requirement.places:
         return Decision(ReasonCode.COMPLIANT,
                         wording.compliant(regions, endpoint, base["host"], location, requirement),
@@ -182,10 +209,11 @@ def judge(catalog: Catalog, policy: Policy, req: Request, view: RequestView,
         if route is not None:
             return Decision(ReasonCode.REROUTED,
                             wording.rerouted(regions, requirement, what, route),
-                            route=route, advice=advice, options=options,
-                            trace=(*trace, f"reroute: {route.description}"), **common)
+                            route=route, advice=advice, options=options, enforced=enforced,
+                            trace=(*trace, f"reroute: {route.description}{mode}"), **common)
         code = ReasonCode.NO_COMPLIANT_ROUTE
         no_route = f" No reroute: {why}."
         trace.append(f"no reroute: {why}")
     return Decision(code, wording.blocked(regions, endpoint, requirement, what, no_route, advice),
-                    advice=advice, options=options, trace=(*trace, "block"), **common)
+                    advice=advice, options=options, enforced=enforced,
+                    trace=(*trace, f"block{mode}"), **common)

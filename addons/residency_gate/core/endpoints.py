@@ -30,6 +30,13 @@ class Provider:
     source: str
     reviewed: str
     file: str
+    # api: a provider of the catalog; app (people's AI apps) or unplaced_api: an inventory
+    # service (catalog inventory.yaml), tunnelled and counted unless a requirement applies
+    category: str = "api"
+
+    @property
+    def inventoried(self) -> bool:
+        return self.category != "api"
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,39 @@ class Review:
 
 
 @dataclass
+class Services:
+    """AI services the catalog does not place (catalog `inventory.yaml`): each one an
+    Endpoint of unknown place. Hosts are exact or `*.domain` (every subdomain)."""
+
+    endpoints: list[Endpoint] = field(default_factory=list)
+    exact: dict[str, Endpoint] = field(default_factory=dict)
+    domains: dict[str, Endpoint] = field(default_factory=dict)  # "*.x.com" -> under x.com
+    alternatives: dict[str, str] = field(default_factory=dict)  # endpoint key -> provider id
+    reviews: list[Review] = field(default_factory=list)
+    _tails: frozenset[str] | None = field(default=None, repr=False)
+
+    def match(self, host: str) -> Endpoint | None:
+        found = self.exact.get(host)
+        if found is not None or not self.domains:
+            return found
+        labels = host.split(".")
+        if ".".join(labels[-2:]) not in self.tails:  # most hosts: one dict miss
+            return None
+        for i in range(1, len(labels) - 1):
+            found = self.domains.get(".".join(labels[i:]))
+            if found is not None:
+                return found
+        return None
+
+    @property
+    def tails(self) -> frozenset[str]:
+        """The last two labels of every `*.domain`: a host ending otherwise matches none."""
+        if self._tails is None:
+            self._tails = frozenset(".".join(d.split(".")[-2:]) for d in self.domains)
+        return self._tails
+
+
+@dataclass
 class Catalog:
     """Compiled catalog: regions, wire formats, providers, and fast host lookup."""
 
@@ -118,9 +158,11 @@ class Catalog:
     files: list[str]
     dirs: list[str] = field(default_factory=list)  # watched for new files (hot reload)
     reviews: list[Review] = field(default_factory=list)
+    services: Services = field(default_factory=lambda: Services())
 
     def match(self, host: str) -> Match | None:
-        """The endpoint a host belongs to, with its captures; None for non-LLM hosts."""
+        """The endpoint a host belongs to, with its captures; None for non-AI hosts. Provider
+        endpoints first, then the AI services of the inventory (their place is unknown)."""
         host = normalise_host(host)
         endpoint = self.exact.get(host)
         if endpoint is not None:
@@ -131,7 +173,14 @@ class Catalog:
                 m = candidate.regex.fullmatch(host)
                 if m:
                     return candidate.endpoint, m.groupdict()
-        return None
+        service = self.services.match(host)
+        return (service, {}) if service is not None else None
+
+    def service(self, host: str) -> Endpoint | None:
+        """The inventory service (an AI app or unplaced API) a host belongs to; None for
+        other hosts, and for hosts of provider endpoints, which take precedence."""
+        found = self.match(host) if host else None
+        return found[0] if found is not None and found[0].provider.inventoried else None
 
     def is_llm(self, host: str) -> bool:
         return bool(host) and self.match(host) is not None
@@ -144,4 +193,8 @@ class Catalog:
         return self.apis.get("openai", FALLBACK)
 
     def host_patterns(self) -> list[str]:
-        return sorted({h for e in self.endpoints for h in e.hosts})
+        """Every host the proxy must see (PAC files): provider endpoints and inventory
+        services (`*.domain` as one `{sub}` label)."""
+        services = {h.replace("*.", "{sub}.", 1) for e in self.services.endpoints
+                    for h in e.hosts}
+        return sorted({h for e in self.endpoints for h in e.hosts} | services)

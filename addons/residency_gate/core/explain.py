@@ -34,11 +34,15 @@ def render_text(regions: RegionTree, req: Request, decision: Decision) -> str:
     else:
         lines.append(f"Requirement:  {describe(requirement.places)}")
         for part in requirement.parts:
-            lines.append(f"  from {part.detail}: {'+'.join(part.names)}")
+            mode = " (report mode)" if part.mode == "report" else ""
+            lines.append(f"  from {part.detail}: {'+'.join(part.names)}{mode}")
     verdict = decision.verdict.upper()
     if decision.status:
         verdict += f" (HTTP {decision.status})"
     lines.append(f"Decision:     {verdict} [{decision.code}]")
+    if not decision.enforced:
+        lines.append("Mode:         REPORT: forwarded unchanged and recorded with enforced: "
+                     "false (answered X-Residency-Decision: report)")
     lines.extend(textwrap.wrap(decision.reason, width=88, initial_indent="  ",
                                subsequent_indent="  "))
     if decision.verdict == BLOCK and decision.options:

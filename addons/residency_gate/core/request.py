@@ -69,16 +69,23 @@ class RequestView:
     _json: Any = _MISSING
 
     def json(self) -> Any:
-        if self.body_error:
-            raise BodyError(self.body_error)
+        """The parsed body; its JSON type (or why it is unreadable) joins `reads`, so a
+        replay can rebuild a body the decision reads the same way."""
         if self._json is _MISSING:
-            if not self.body or not self.body.strip():
+            if self.body_error:
+                self._json = BodyError(self.body_error)
+            elif not self.body or not self.body.strip():
                 self._json = None
             else:
                 try:
                     self._json = json.loads(self.body)
                 except (ValueError, UnicodeDecodeError) as e:
                     self._json = BodyError(f"request body is not valid JSON ({e})")
+            if isinstance(self._json, BodyError):
+                self.reads["body"] = "unreadable"
+                self.reads["body_error"] = str(self._json)[:256]
+            else:
+                self.reads["body"] = _json_type(self._json, self.body)
         if isinstance(self._json, BodyError):
             raise self._json
         return self._json
@@ -101,6 +108,15 @@ class RequestView:
                 break
         self.reads["query:" + name] = found
         return found
+
+
+def _json_type(value: Any, raw: bytes | None) -> str:
+    if value is None:
+        return "null" if raw and raw.strip() else "empty"
+    for kind, types in (("boolean", bool), ("object", dict), ("array", list), ("string", str)):
+        if isinstance(value, types):
+            return kind
+    return "number"
 
 
 def _scalar(value: Any) -> Any:

@@ -3,6 +3,11 @@
 Everything that applies intersects: the tag header (comma-separated or
 repeated), matching client rules (CIDR or proxy user), and the default when no
 client rule matches. A tag can narrow a requirement, never widen it.
+
+Each name a part uses is enforced or only reported (`mode: report` on a client
+rule or zone, or `on_violation: report`), so enforcement can be phased in: a
+destination outside the requirement is refused only when it lies outside what the
+enforcing names require; otherwise the violation is reported and forwarded.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 from .places import Places
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ENFORCE, REPORT = "enforce", "report"
 
 
 class UnknownTag(ValueError):
@@ -32,6 +39,11 @@ class RequirementPart:
     detail: str  # e.g. "header X-Data-Residency: eu", "client 10.0.0.0/8"
     names: tuple[str, ...]
     places: Places
+    enforced: Places | None  # what its enforcing names require; None: report mode only
+
+    @property
+    def mode(self) -> str:
+        return REPORT if self.enforced is None else ENFORCE
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,16 @@ class Requirement:
         if not self.parts:
             return "none"
         return " and ".join(p.detail for p in self.parts)
+
+    def enforces(self, places: Places | None) -> bool:
+        """Would a destination at `places` violate an enforcing part? (False: the violation,
+        if any, is only against parts in report mode.)"""
+        enforced = [p.enforced for p in self.parts if p.enforced is not None]
+        if not enforced:
+            return False
+        if places is None:
+            return True
+        return not all(places <= e for e in enforced)
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,19 @@ class Requirements:
     rules: tuple[ClientRule, ...] = ()
     default: RequirementPart | None = None
     zones: tuple[str, ...] = field(default=())
+    modes: Mapping[str, str] = field(default_factory=dict)  # zone -> its own `mode`
+    mode: str = ENFORCE  # tags and the default without a mode of their own
+
+    def part(self, source: str, detail: str, names: tuple[str, ...], places: Places,
+             mode: str | None = None) -> RequirementPart:
+        """A part whose names are enforced or reported: the rule's own mode, else the
+        zone's, else the global one (`on_violation: report`)."""
+        enforced: Places | None = None
+        for name in names:
+            if (mode or self.modes.get(name) or self.mode) == ENFORCE:
+                here = self.names.get(name, frozenset())
+                enforced = here if enforced is None else enforced & here
+        return RequirementPart(source, detail, names, places, enforced)
 
     def expand(self, name: str) -> Places:
         try:
@@ -114,8 +149,8 @@ class Requirements:
             places = self.expand(names[0])
             for name in names[1:]:
                 places = places & self.expand(name)
-            parts.append(RequirementPart("tag", f"header {self.header}: {raw.strip()}", names,
-                                         places))
+            parts.append(self.part("tag", f"header {self.header}: {raw.strip()}", names,
+                                   places))
         if not parts:
             return Requirement()
         places = parts[0].places

@@ -57,6 +57,24 @@ class Metrics:
             "Residency decisions taken, by provider, decision and short reason code.",
             ("provider", "decision", "reason"), registry=r,
         )
+        self.reported = Counter(
+            "residency_gate_reported_total",
+            "Violations in report mode: forwarded, not enforced; by provider, the decision "
+            "enforcing would have taken (block, reroute) and short reason code.",
+            ("provider", "decision", "reason"), registry=r,
+        )
+        self.inventory_connections = Counter(
+            "residency_gate_inventory_connections_total",
+            "Connections to consumer AI apps tunnelled and recorded in the inventory "
+            "(not intercepted), by service.",
+            ("provider",), registry=r,
+        )
+        self.upstream_errors = Counter(
+            "residency_gate_upstream_errors_total",
+            "Forwarded LLM requests that got no response from the provider (connect, TLS or "
+            "protocol error, timeout), by provider.",
+            ("provider",), registry=r,
+        )
         self.decision_seconds = Histogram(
             "residency_gate_decision_seconds",
             "Time to reach a residency decision for one request, in seconds.",

@@ -91,8 +91,8 @@ def pac_file(host_patterns: Iterable[str], proxy: str) -> str:
     rx_js = ",\n".join(f"    new RegExp({json.dumps(rx)})" for rx, _ in ordered)
     comments = "\n".join(f"//   {src}" for _, src in ordered)
     return f"""\
-// residency-gate proxy auto-config: only LLM API hosts from the catalog go
-// through the proxy; everything else connects directly. Generated; do not edit
+// residency-gate proxy auto-config: only LLM API hosts and AI apps from the catalog
+// go through the proxy; everything else connects directly. Generated; do not edit
 // (residency-gate ca pac --proxy HOST:PORT).
 // No DIRECT fallback for catalog hosts: they fail closed when the proxy is down.
 // Patterns ({{capture}} = one or more of [a-z0-9-] inside one DNS label):

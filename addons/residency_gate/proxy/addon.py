@@ -33,7 +33,8 @@ from ..core.request import Request
 from .connections import Access, Interception, Resolve
 from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
 from .interface import Gate
-from .refusals import refusal
+from .inventory import Inventory
+from .refusals import BlockPage, refusal, wants_page
 
 log = logging.getLogger("residency_gate")
 
@@ -73,12 +74,20 @@ def classify(flow: http.HTTPFlow, bundle: Bundle, host: str) -> Classified:
     return Classified(req, bundle.decide(req), digest, time.perf_counter() - t0)
 
 
+def block_page(flow: http.HTTPFlow, bundle: Bundle, decision: Decision) -> BlockPage | None:
+    """The HTML page for a person's browser; None: the API's own error shape."""
+    if not wants_page(flow.request.headers.get("accept"), decision):
+        return None
+    return BlockPage(bundle.config.block_page_contact, bundle.config.block_page_instead)
+
+
 class ResidencyGate:
     """Decides and enforces; see the module docstring for the order of hooks."""
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
-        self.addons = [Access(self), Interception(self), Resolve(self)]  # mitmproxy loads nested addons
+        # mitmproxy loads nested addons
+        self.addons = [Access(self), Interception(self), Resolve(self), Inventory(self)]
 
     # ------------------------------------------------------------------ requests
 
@@ -191,9 +200,7 @@ class ResidencyGate:
         made because something else failed (`must_record=False`) is still answered when
         its record cannot be written."""
         header = bundle.policy.header
-        if decision.verdict != BLOCK:
-            strip_tag(flow, header)
-        if decision.verdict == REROUTE:
+        if decision.verdict == REROUTE and decision.enforced:
             try:
                 apply_route(flow, decision.route)
             except MissingKey as e:
@@ -202,15 +209,18 @@ class ResidencyGate:
                                   host=decision.host, url=decision.url, api=decision.api,
                                   endpoint=decision.endpoint, model=decision.model,
                                   requirement=decision.requirement)
+        forward = decision.verdict != BLOCK or not decision.enforced  # report mode forwards
+        if forward:
+            strip_tag(flow, header)
         state.decision = decision
         if record:
             req = state.request or request_of(flow, decision.host, header)
             fields = decision_fields(decision, req, bundle.regions, bundle.revisions, digest)
             state.audit_id = await self._record(fields, must_record)
         self._count(decision)
-        if decision.verdict == BLOCK:
+        if not forward:
             state.answered = True
-            flow.response = refusal(decision, state.audit_id)
+            flow.response = refusal(decision, state.audit_id, block_page(flow, bundle, decision))
 
     async def _refuse(self, flow: http.HTTPFlow, state: FlowState, bundle: Bundle,
                       code: ReasonCode, reason: str, record: bool = True) -> None:
@@ -228,7 +238,7 @@ class ResidencyGate:
         except TimeoutError:
             log.critical("cannot audit a refusal (%s) in time", code)
             state.answered = True
-            flow.response = refusal(decision, None)
+            flow.response = refusal(decision, None, block_page(flow, bundle, decision))
 
     async def _record(self, fields: dict[str, Any], must_record: bool) -> str | None:
         audit = self.gate.audit
@@ -252,10 +262,11 @@ class ResidencyGate:
         return record.get("id")
 
     def _count(self, decision: Decision) -> None:
-        if self.gate.metrics:
-            self.gate.metrics.decisions.labels(provider=decision.provider or "-",
-                                               decision=decision.verdict,
-                                               reason=str(decision.code)).inc()
+        metrics = self.gate.metrics
+        if metrics:  # a violation in report mode was not enforced: counted apart
+            counter = metrics.decisions if decision.enforced else metrics.reported
+            counter.labels(provider=decision.provider or "-", decision=decision.verdict,
+                           reason=str(decision.code)).inc()
 
     # ------------------------------------------------------------------ responses
 
@@ -265,11 +276,14 @@ class ResidencyGate:
             return
         # Never buffer LLM responses: SSE and large bodies go through as they arrive.
         flow.response.stream = True
-        flow.response.headers["X-Residency-Decision"] = state.decision.verdict
+        decision = state.decision
+        flow.response.headers["X-Residency-Decision"] = decision.disposition
+        if not decision.enforced:  # report mode: what enforcing would have done, and why
+            flow.response.headers["X-Residency-Reason"] = str(decision.code)
         if state.audit_id:
             flow.response.headers["X-Residency-Audit-Id"] = state.audit_id
-        if state.decision.route is not None and state.decision.verdict == REROUTE:
-            flow.response.headers["X-Residency-Routed-To"] = state.decision.route.host
+        if decision.route is not None and decision.verdict == REROUTE and decision.enforced:
+            flow.response.headers["X-Residency-Routed-To"] = decision.route.host
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._outcome(flow)
@@ -289,6 +303,9 @@ class ResidencyGate:
             int((time.monotonic() - state.started) * 1000),
             flow.error.msg if flow.error else None)
         state.audit_id = None  # one outcome per decision
+        if flow.error and state.decision is not None and self.gate.metrics:
+            self.gate.metrics.upstream_errors.labels(
+                provider=state.decision.provider or "-").inc()
         if self.gate.audit.healthy:
             self.gate.spawn(self._write_outcome(fields))
 
