@@ -115,6 +115,11 @@ def too_large(limit: int) -> str:
             f"residency-gate cannot classify it and refused it. {NOTHING_FORWARDED}")
 
 
+def decodes_too_large(limit: int, key: str) -> str:
+    return (f"Request body decodes (Content-Encoding) to more than {limit} bytes ({key}); "
+            f"residency-gate refused it without decoding further. {NOTHING_FORWARDED}")
+
+
 def bad_content_length() -> str:
     return "Invalid Content-Length header; refused."
 

@@ -30,6 +30,7 @@ from ..catalog.bundle import Bundle
 from ..core import admission, wording
 from ..core.decision import BLOCK, REROUTE, Decision, ReasonCode, refuse
 from ..core.request import Request
+from . import decoding
 from .connections import Interception, Resolve
 from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
 from .interface import Gate
@@ -60,7 +61,7 @@ class AuditFailed(Exception):
 class Classified:
     request: Request
     decision: Decision
-    digest: BodyDigest
+    digest: BodyDigest | None
     seconds: float
 
 
@@ -68,7 +69,13 @@ def classify(flow: http.HTTPFlow, bundle: Bundle, host: str) -> Classified:
     """Decode the body, decide, digest the body. Pure CPU: safe in a worker thread
     (the flow is paused while its `request` hook awaits us)."""
     t0 = time.perf_counter()
-    body, error, digest = read_body(flow)
+    try:
+        body, error, digest = read_body(flow, bundle.config.limits)
+    except decoding.TooLarge as e:  # a compression bomb: refused, never held in memory
+        req = request_of(flow, host, bundle.policy.header)
+        refused = refuse(ReasonCode.BODY_TOO_LARGE, wording.decodes_too_large(e.limit, e.key),
+                         host=host, url=req.url, api=bundle.catalog.api_of(host))
+        return Classified(req, refused, None, time.perf_counter() - t0)
     req = request_of(flow, host, bundle.policy.header, body, error)
     return Classified(req, bundle.decide(req), digest, time.perf_counter() - t0)
 
