@@ -35,6 +35,16 @@ EXPECTED = {  # exported name -> (type, label names, help)
     "residency_gate_flows_total": (
         "counter", ("kind",),
         "Client flows, by kind: intercepted (catalog host) or tunnelled (anything else)."),
+    "residency_gate_audit_writer_restarts_total": (
+        "counter", (),
+        "Audit writer processes restarted after dying (a failed write is never retried)."),
+    "residency_gate_limit_hits_total": (
+        "counter", ("limit",),
+        "Times a limit fired, by its config key (limits.*): a connection closed or refused, "
+        "a request refused, an upstream wait cut short."),
+    "residency_gate_upstream_errors_total": (
+        "counter", ("kind",),
+        "LLM requests the provider did not answer, by kind: connect, tls, timeout, reset."),
 }
 
 

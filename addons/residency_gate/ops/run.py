@@ -39,7 +39,16 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         origin = workers.worker_origin(origin, worker)
         if admin_addr is not None:
             admin_addr = workers.worker_admin(admin_addr, worker)
-    writer = open_audit(config.audit, config.certs_dir, origin)
+
+    async def writer_restarted(reason: str) -> None:
+        """The chain says the writer was restarted, and under which config it goes on."""
+        METRICS.audit_writer_restarts.inc()
+        now = gate.bundle
+        await writer.append("config", config_fields(
+            now.revisions, str(now.config.path) if now.config.path else None,
+            now.catalog.files, "writer_restart"))
+
+    writer = open_audit(config.audit, config.certs_dir, origin, writer_restarted)
     gate = Gate(bundle=bundle, audit=writer, metrics=METRICS)
     try:
         await writer.append("config", config_fields(
@@ -60,7 +69,11 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         def ready() -> dict[str, bool | str]:
             return {"catalog": gate.bundle is not None, "audit": gate.audit.healthy}
 
-        admin = AdminServer(admin_addr[0], admin_addr[1], METRICS.registry, ready)
+        def live() -> dict[str, bool | str]:
+            return {"audit": audit_alive(gate.audit) or "the audit log failed for good"}
+
+        admin = AdminServer(admin_addr[0], admin_addr[1], METRICS.registry, ready,
+                            live_checks=live if config.audit.fail_healthz else None)
         try:
             await admin.start()
         except OSError:
@@ -133,6 +146,13 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
             log.critical("audit log could not be closed cleanly: %s", e)
     errored = getattr(master, "errorcheck", None)
     return 1 if errored is not None and errored.has_errored else 0
+
+
+def audit_alive(sink) -> bool:
+    """False once the audit sink can never write again (not while it restarts a writer)."""
+    if hasattr(sink, "failed_for_good"):
+        return not sink.failed_for_good
+    return getattr(sink, "failure", None) is None  # a writer on a thread never comes back
 
 
 def _listening(master) -> bool:
