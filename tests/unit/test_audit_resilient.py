@@ -11,8 +11,8 @@ import signal
 import time
 
 import pytest
-from audit_helpers import ORIGIN, check, lines_of
 
+from audit_helpers import ORIGIN, check, lines_of
 from residency_gate.audit import resilient
 from residency_gate.audit.resilient import ResilientAudit
 from residency_gate.audit.writer import AuditError
@@ -103,8 +103,8 @@ def test_a_writer_that_keeps_dying_is_given_up_on(tmp_path, certs, key, monkeypa
         for _ in range(3):
             pid = sink.writer.pid
             os.kill(pid, signal.SIGKILL)
-            await until(lambda: sink.failed_for_good or (sink.healthy
-                                                          and sink.writer.pid != pid))
+            await until(lambda pid=pid: sink.failed_for_good or (
+                sink.healthy and sink.writer.pid != pid))
         assert sink.failed_for_good and sink.restart_count == 2
         await sink.close()
 
