@@ -139,6 +139,25 @@ def decision_timeout(seconds: float) -> str:
             "(limits.decision_timeout_seconds) and refused it; nothing was forwarded.")
 
 
+UPSTREAM_FAILURES = {
+    "connect": "could not be connected to",
+    "tls": "failed the TLS handshake",
+    "reset": "closed the connection without an answer",
+}
+
+
+def upstream_failed(host: str, kind: str) -> str:
+    what = UPSTREAM_FAILURES.get(kind, "did not answer")
+    return (f"The provider {host} {what}; residency-gate forwarded the request (it was "
+            "allowed and recorded) and got no response. Retry later.")
+
+
+def upstream_timeout(host: str, key: str, seconds: float) -> str:
+    return (f"The provider {host} did not answer within {seconds:g}s (limits.{key}); "
+            "residency-gate forwarded the request (it was allowed and recorded) and gave up "
+            "waiting. Retry later.")
+
+
 def key_missing(host: str, env: str) -> str:
     return (f"the compliant endpoint {host} needs a key from environment variable {env}, "
             "which is not set on the proxy")

@@ -32,8 +32,10 @@ RESTART_ONLY = ("listen", "mode", "admin", "certs_dir", "proxy_auth", "upstream_
 
 
 class Reloader:
-    def __init__(self, gate, config_arg: str | None, metrics, interval: float = 1.0) -> None:
+    def __init__(self, gate, config_arg: str | None, metrics, interval: float = 1.0,
+                 on_swap=None) -> None:
         self.gate = gate
+        self.on_swap = on_swap  # called with the new bundle (mitmproxy options that follow it)
         self.config_arg = config_arg
         self.metrics = metrics
         self.interval = interval
@@ -109,6 +111,11 @@ class Reloader:
         if new.revisions != old.revisions:
             await self._record(new)  # first in the chain, then deciding under it
         self.gate.bundle = new
+        if self.on_swap is not None:
+            try:
+                self.on_swap(new)
+            except Exception as e:
+                log.error("reloaded, but mitmproxy refused the new options: %s", e)
         self.metrics.set_catalog_version(new.catalog.revision)
         self.metrics.reload_result(True)
         log.info("reloaded config %s and catalog %s", new.config.revision, new.catalog.revision)

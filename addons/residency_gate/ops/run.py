@@ -18,7 +18,7 @@ from ..catalog.bundle import Bundle
 from ..proxy.addon import ResidencyGate
 from ..proxy.interface import Gate
 from . import workers
-from .embed import CA_CERT, gate_master, mitmproxy_options
+from .embed import CA_CERT, gate_master, limit_options, mitmproxy_options
 from .logs import setup_logging
 from .metrics import METRICS
 from .reload import Reloader
@@ -85,7 +85,8 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
     master = gate_master(ResidencyGate(gate))
     master.options.update(**mitmproxy_options(bundle))
 
-    reloader = Reloader(gate, config_arg, METRICS)
+    reloader = Reloader(gate, config_arg, METRICS,
+                        on_swap=lambda b: master.options.update(**limit_options(b.config.limits)))
     loop = asyncio.get_running_loop()
     stopping = False
 

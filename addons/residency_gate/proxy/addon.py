@@ -7,7 +7,9 @@ A request's path, in hook order (connection hooks live in `connections.py`):
                       event loop) -> `_answer`: route applied, record durable, metric,
                       then forward (tag header stripped), refuse, or reroute
   responseheaders  -> stream the response, mark it with X-Residency-Decision
-  response / error -> outcome record
+  response / error -> outcome record; a provider that did not answer (connect, TLS,
+                      timeout, reset: `limits.py` times it) gets the client a 502/504 in
+                      the provider's own shape instead of mitmproxy's page (`upstream.py`)
 
 mitmproxy logs and then ignores exceptions raised by addons, which would let a
 flow through. Both request hooks run inside `_guard`, which turns any error or
@@ -30,10 +32,11 @@ from ..catalog.bundle import Bundle
 from ..core import admission, wording
 from ..core.decision import BLOCK, REROUTE, Decision, ReasonCode, refuse
 from ..core.request import Request
-from . import decoding
+from . import decoding, upstream
 from .connections import Interception, Resolve
 from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
 from .interface import Gate
+from .limits import ConnectionLimits
 from .refusals import refusal
 
 log = logging.getLogger("residency_gate")
@@ -85,7 +88,9 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
-        self.addons = [Interception(self), Resolve(self)]  # mitmproxy loads nested addons
+        # mitmproxy loads nested addons (after its own: ConnectionLimits wraps the layers
+        # its next_layer addon picked)
+        self.addons = [Interception(self), Resolve(self), ConnectionLimits(self)]
 
     # ------------------------------------------------------------------ requests
 
@@ -282,19 +287,45 @@ class ResidencyGate:
         self._outcome(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._outcome(flow)
+        kind = upstream.error_kind(flow)
+        state: FlowState | None = flow.metadata.get(META)
+        if (state is not None and state.decision is not None and not state.answered
+                and flow.response is None and kind in upstream.PROVIDER_KINDS):
+            flow.metadata[upstream.ANSWER] = self._provider_failed(flow, state, kind)
+        self._outcome(flow, kind)
 
-    def _outcome(self, flow: http.HTTPFlow) -> None:
+    def _provider_failed(self, flow: http.HTTPFlow, state: FlowState, kind: str
+                         ) -> http.Response:
+        """The answer for a forwarded request the provider did not answer: 504 or 502 in
+        the provider's error shape, with the audit id of the decision that forwarded it."""
+        failure = upstream.failure_of(flow)
+        host = flow.request.host  # where it went (the route's host after a reroute)
+        known = state.decision
+        if failure is not None and failure.kind == "timeout":
+            code, reason = ReasonCode.UPSTREAM_TIMEOUT, wording.upstream_timeout(
+                host, failure.limit, failure.seconds)
+        else:
+            code, reason = ReasonCode.UPSTREAM_FAILED, wording.upstream_failed(host, kind)
+        if self.gate is not None and self.gate.metrics:
+            self.gate.metrics.upstream_errors.labels(kind=kind).inc()
+        log.warning("no answer from %s for %s (%s): %s", host, state.audit_id, kind,
+                    flow.error.msg if flow.error else "")
+        return refusal(refuse(code, reason, host=host, url=known.url, api=known.api,
+                              endpoint=known.endpoint, model=known.model,
+                              requirement=known.requirement), state.audit_id)
+
+    def _outcome(self, flow: http.HTTPFlow, error_kind: str | None = None) -> None:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.audit_id is None or self.gate is None:
             return
+        answer = flow.response or flow.metadata.get(upstream.ANSWER)  # what the client got
         fields = outcome_fields(
-            state.audit_id, flow.response.status_code if flow.response else None,
+            state.audit_id, answer.status_code if answer else None,
             len(flow.request.raw_content or b""),
             len(flow.response.raw_content or b"")
             if flow.response and not flow.response.stream else None,
             int((time.monotonic() - state.started) * 1000),
-            flow.error.msg if flow.error else None)
+            flow.error.msg if flow.error else None, error_kind)
         state.audit_id = None  # one outcome per decision
         if self.gate.audit.healthy:
             self.gate.spawn(self._write_outcome(fields))
