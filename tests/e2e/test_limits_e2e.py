@@ -12,21 +12,28 @@ The proxy runs with short limits (seconds, not minutes) so the tests run fast:
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from .conftest import Proxy
+from .conftest import RESIDENCY_GATE, TAG_HEADER, Proxy
 from .fakeprovider import FakeProvider, free_port
 from .opshelpers import CHAT, KeepAlive, audit_records, metrics, wait_for
 from .rawhttp import connect_tunnel
+from .test_proxy_sdks import assert_nothing_received, refusal
 
 pytestmark = pytest.mark.e2e
 
@@ -287,3 +294,239 @@ def test_a_stream_that_keeps_sending_is_never_cut_one_that_falls_silent_is(
         c.close()
     outcome = outcome_of(gate, audit_id)
     assert outcome["error_kind"] == "timeout", outcome
+
+
+# ---------------------------------------------------------------------------- hostile bodies
+
+
+def bomb(mib: int) -> bytes:
+    """`mib` MiB of JSON whitespace, gzipped a MiB at a time: about 1000:1."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = b" " * (1 << 20)
+    return c.compress(b'{"model": "gpt-4o", "pad": "') + b"".join(
+        c.compress(chunk) for _ in range(mib)) + c.compress(b'"}') + c.flush()
+
+
+def test_a_gzip_bomb_is_refused_413_and_memory_stays_flat(
+        gate: Proxy, fake: FakeProvider, openai_client: Any) -> None:
+    client = openai_client(gate, base_url="https://eu.api.openai.com/v1",
+                           default_headers={TAG_HEADER: "eea_ch"})
+    for _ in range(3):  # warm up: connections, TLS, decision caches
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    idle = gate.memory_kb()["VmRSS"]
+    payload = bomb(300)
+    assert len(payload) < 400_000
+    fake.reset()
+    for _ in range(3):
+        with pytest.raises(openai.APIStatusError) as ei:
+            client.post("/chat/completions", cast_to=object, content=payload, options={
+                "headers": {"Content-Encoding": "gzip", "Content-Type": "application/json"}})
+        r = refusal(ei.value)
+        assert r.status == 413 and "limits.request_body_ratio" in r.message, r
+        assert r.headers["x-residency-decision"] == "block" and r.headers["x-residency-audit-id"]
+    grew_mb = (gate.memory_kb()["VmRSS"] - idle) / 1024
+    assert grew_mb < 50, f"RSS grew {grew_mb:.0f} MB"
+    assert_nothing_received(fake)
+
+
+def test_deeply_nested_json_is_a_400_that_says_why(gate: Proxy, fake: FakeProvider) -> None:
+    c = KeepAlive(gate, "eu.api.openai.com")
+    try:
+        body = b'{"model": "gpt-4o", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        c.conn.request("POST", CHAT, body=body, headers={
+            "Content-Type": "application/json", TAG_HEADER: "eea_ch"})
+        resp = c.conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        c.close()
+    assert resp.status == 400 and resp.getheader("X-Residency-Reason") == "bad_body"
+    assert "nests JSON too deeply" in answer["error"]["message"]
+    assert "Traceback" not in gate.log_text()
+    assert_nothing_received(fake)
+
+
+def test_too_many_header_fields_get_431_before_any_hook(gate: Proxy, fake: FakeProvider) -> None:
+    c = KeepAlive(gate, "eu.api.openai.com")
+    try:
+        headers = {f"X-Pad-{i}": "x" for i in range(150)}
+        c.conn.request("POST", CHAT, body=b"{}", headers=headers)
+        resp = c.conn.getresponse()
+        assert resp.status == 431 and b"max_header_count" in resp.read()
+    finally:
+        c.close()
+    assert_nothing_received(fake)
+
+
+def test_a_one_byte_first_record_is_still_http_and_decided(gate: Proxy, fake: FakeProvider) -> None:
+    """mitmproxy takes a first read of < 3 bytes for raw TCP and relays it: the request
+    reached the provider undecided. Now it is parsed as HTTP and refused like any other."""
+    tls = tls_tunnel(gate, "api.openai.com")
+    try:
+        body = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+        req = HEAD + f"{TAG_HEADER}: eu\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        tls.sendall(req[:1])
+        time.sleep(0.3)
+        tls.sendall(req[1:])
+        tls.settimeout(10)
+        head = tls.recv(65536)
+    finally:
+        tls.close()
+    assert head.startswith(b"HTTP/1.1 451"), head[:200]
+    assert_nothing_received(fake)
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+def test_connections_over_the_per_client_limit_are_closed_at_once(
+        start_proxy: Callable[..., Proxy], fake: FakeProvider) -> None:
+    admin = free_port()
+    proxy = start_proxy({"admin": f"127.0.0.1:{admin}",
+                         "limits": {"max_connections_per_client": 3}})
+    open_now = lambda: metrics(admin).value("residency_gate_open_connections")  # noqa: E731
+    wait_for(lambda: open_now() == 0, 5)  # the start-up probe has gone
+    held = [raw_connect(proxy) for _ in range(3)]
+    try:
+        wait_for(lambda: open_now() == 3, 5)
+        extra = raw_connect(proxy)
+        assert closed_within(extra, 3) < 2
+        extra.close()
+        assert metrics(admin).value("residency_gate_limit_hits_total",
+                                    limit="max_connections_per_client") == 1
+    finally:
+        for s in held:
+            s.close()
+    # room again: a normal request goes through
+    wait_for(lambda: open_now() == 0, 5)
+    c = KeepAlive(proxy, "eu.api.openai.com")
+    try:
+        assert c.post(CHAT).status == 200
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------- config and audit
+
+
+def test_an_alias_bomb_in_the_live_config_is_refused_and_counted(
+        start_proxy: Callable[..., Proxy], fake: FakeProvider) -> None:
+    admin = free_port()
+    proxy = start_proxy({"admin": f"127.0.0.1:{admin}"})
+    idle = proxy.memory_kb()["VmRSS"]
+    good = proxy.config_path.read_text()
+    levels = "\n".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]"
+                       for i in range(1, 10))
+    proxy.config_path.write_text(good + 'l0: &l0 ["lol"]\n' + levels + "\n")  # ~370 bytes
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_for(lambda: metrics(admin).value("residency_gate_config_reloads_total",
+                                          result="error") == 1, 10, what="a refused reload")
+    assert metrics(admin).value("residency_gate_config_reload_failure") == 1
+    assert "anchors and aliases" in proxy.log_text()
+    assert (proxy.memory_kb()["VmRSS"] - idle) / 1024 < 50
+    c = KeepAlive(proxy, "eu.api.openai.com")  # the old config keeps serving
+    try:
+        assert c.post(CHAT).status == 200
+    finally:
+        c.close()
+
+
+def writer_pids(proxy: Proxy) -> list[int]:
+    """The proxy's live audit writer processes (a killed one may linger as a zombie)."""
+    pids = []
+    for task in Path(f"/proc/{proxy.pid}/task").iterdir():
+        for c in (task / "children").read_text().split():
+            try:
+                stat = Path(f"/proc/{c}/stat").read_text()
+                cmd = Path(f"/proc/{c}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"writer_child" in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(c))
+    return pids
+
+
+def writer_pid(proxy: Proxy) -> int:
+    (pid,) = wait_for(lambda: writer_pids(proxy), 10, what="one audit writer process")
+    return pid
+
+
+def test_a_sigkilled_writer_is_replaced_and_nothing_acknowledged_is_lost(
+        start_proxy: Callable[..., Proxy], fake: FakeProvider) -> None:
+    admin = free_port()
+    proxy = start_proxy({"admin": f"127.0.0.1:{admin}", "audit": {"origin": "e2e-restart"}})
+    first = writer_pid(proxy)
+    acknowledged: list[str] = []
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            c = KeepAlive(proxy, "eu.api.openai.com")
+            try:
+                for _ in range(20):
+                    r = c.post(CHAT, tag="eea_ch")
+                    statuses.append(r.status)
+                    if r.status == 200:
+                        acknowledged.append(r.headers["x-residency-audit-id"])
+            finally:
+                c.close()
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    worker.start()
+    try:
+        wait_for(lambda: len(acknowledged) >= 20, 20)
+        os.kill(first, signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_for(lambda: metrics(admin).value("residency_gate_audit_writer_restarts_total") == 1,
+                 10, what="the writer restarted")
+        n = len(acknowledged)
+        wait_for(lambda: len(acknowledged) >= n + 20, 10, what="traffic flowing again")
+        resumed = time.monotonic() - t0
+        assert admin_status(admin, "/healthz") == 200
+    finally:
+        stop.set()
+        worker.join(20)
+    assert resumed < 5, f"LLM traffic resumed only after {resumed:.1f}s"
+    assert writer_pid(proxy) != first
+    assert set(statuses) <= {200, 503}, set(statuses)  # refused while restarting, never lost
+    proxy.stop()
+    recs = audit_records(proxy.audit_dir, "e2e-restart")
+    ids = {r.get("id") for r in recs if r["kind"] == "decision"}
+    assert set(acknowledged) <= ids, "an acknowledged decision is missing from the chain"
+    assert [r.get("reason") for r in recs if r["kind"] == "config"] == ["start",
+                                                                        "writer_restart"]
+    assert [r["kind"] for r in recs].count("start") == 2
+    verify = subprocess.run([str(RESIDENCY_GATE), "audit", "verify", str(proxy.audit_dir),
+                             "--pubkey", str(proxy.certs_dir / "audit-signing-key.pub.pem")],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def admin_status(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_healthz_fails_once_the_audit_log_failed_for_good(
+        start_proxy: Callable[..., Proxy], fake: FakeProvider) -> None:
+    admin = free_port()
+    proxy = start_proxy({"admin": f"127.0.0.1:{admin}", "audit": {"writer_restarts": 2}})
+    assert admin_status(admin, "/healthz") == 200
+    for _ in range(3):  # a writer that keeps dying within a minute of starting
+        pid = writer_pid(proxy)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda pid=pid: admin_status(admin, "/healthz") == 503 or (
+            admin_status(admin, "/readyz") == 200 and writer_pids(proxy) not in ([], [pid])),
+            15)
+    assert admin_status(admin, "/healthz") == 503
+    assert admin_status(admin, "/readyz") == 503
+    assert "AUDIT LOG FAILED FOR GOOD" in proxy.log_text()
+    c = KeepAlive(proxy, "eu.api.openai.com")
+    try:
+        assert c.post(CHAT).status == 503
+    finally:
+        c.close()
