@@ -65,13 +65,17 @@ class ClientClock:
     bodies: dict[Any, list[float]] = field(default_factory=dict)  # flow -> [start, bytes]
     open_requests: set[Any] = field(default_factory=set)
 
-    def data(self, n: int, now: float) -> None:
+    def data(self, n: int, now: float) -> bool:
+        """Count `n` bytes from the client; True if that may bring a deadline closer (a new
+        head started, or a head grew)."""
+        for body in self.bodies.values():  # HTTP/2 interleaves: every open body may count it
+            body[1] += n
         if self.phase == IDLE:
             self.phase, self.since, self.head_bytes = HEAD, now, 0
         if self.phase in (OPENING, WAIT_HEAD, HEAD):
             self.head_bytes += n
-        for body in self.bodies.values():  # HTTP/2 interleaves: every open body may count it
-            body[1] += n
+            return True
+        return False
 
     def to(self, phase: str, now: float) -> None:
         if self.phase != TUNNEL:
@@ -180,6 +184,8 @@ class Guard(layer.Layer):
         self._wakeups: dict[commands.RequestWakeup, float] = {}
         self._closed = False
         self._killed = False
+        self._dirty = True  # a clock changed: recompute the deadlines
+        self._due = 0.0  # the earliest deadline, as last computed
 
     def __repr__(self) -> str:
         return f"Guard({self.inner!r}, client {self.client.phase})"
@@ -202,18 +208,21 @@ class Guard(layer.Layer):
         for command in self.inner.handle_event(event):
             self._after(command, now)
             yield command
-        yield from self._enforce(now)
+        if self._dirty or now >= self._due:  # most events (bytes) change no deadline
+            yield from self._enforce(now)
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _before(self, event: events.Event, now: float) -> None:
-        client = self.context.client
-        if isinstance(event, events.DataReceived):
-            if event.connection is client:
-                self.client.data(len(event.data), now)
+        if isinstance(event, events.DataReceived):  # deadlines move later, none closer ...
+            if event.connection is self.context.client:
+                if self.client.data(len(event.data), now):
+                    self._dirty = True  # ... except a head's: started now, or grown
             elif isinstance(event.connection, connection.Server):
                 self.upstream.server_data(event.connection, now)
-        elif isinstance(event, events.OpenConnectionCompleted):
+            return
+        self._dirty = True
+        if isinstance(event, events.OpenConnectionCompleted):
             server = event.command.connection
             if isinstance(server, connection.Server):
                 self.upstream.connecting.pop(server, None)
@@ -237,6 +246,9 @@ class Guard(layer.Layer):
                     self.upstream.first_byte[flow] = now  # forwarded now
 
     def _after(self, command: commands.Command, now: float) -> None:
+        if isinstance(command, commands.SendData):
+            return
+        self._dirty = True
         if isinstance(command, commands.OpenConnection):
             server = command.connection
             if isinstance(server, connection.Server):
@@ -275,6 +287,7 @@ class Guard(layer.Layer):
     # ------------------------------------------------------------------ enforcement
 
     def _enforce(self, now: float) -> layer.CommandGenerator[None]:
+        self._dirty, self._due = False, float("inf")
         if self._closed:
             return
         limits = self.owner.limits()
@@ -291,6 +304,8 @@ class Guard(layer.Layer):
             yield from self._give_up_upstream(key, what, limits)
         times = [self.client.deadline(limits)[0], self.upstream.deadline(limits)]
         deadline = min((t for t in times if t is not None), default=None)
+        if deadline is not None:
+            self._due = deadline
         if deadline is not None and not any(t <= deadline for t in self._wakeups.values()):
             wakeup = commands.RequestWakeup(max(deadline - now, 0.0) + 0.01)
             self._wakeups[wakeup] = deadline
