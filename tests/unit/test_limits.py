@@ -83,6 +83,13 @@ def test_http2_requests_keep_the_connection_active_until_the_last_is_done():
     assert c.phase == IDLE
 
 
+def test_http2_frames_on_an_idle_connection_start_no_head():
+    c = ClientClock(since=0.0)
+    c.to(IDLE, 1.0)
+    c.data(17, 30.0, http2=True)  # a PING
+    assert c.phase == IDLE and c.deadline(LIMITS) == (61.0, "client_idle_seconds")
+
+
 def test_a_tunnel_is_not_timed_here():
     c = ClientClock(since=0.0)
     c.to(TUNNEL, 1.0)

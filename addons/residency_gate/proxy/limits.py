@@ -65,12 +65,13 @@ class ClientClock:
     bodies: dict[Any, list[float]] = field(default_factory=dict)  # flow -> [start, bytes]
     open_requests: set[Any] = field(default_factory=set)
 
-    def data(self, n: int, now: float) -> bool:
+    def data(self, n: int, now: float, http2: bool = False) -> bool:
         """Count `n` bytes from the client; True if that may bring a deadline closer (a new
-        head started, or a head grew)."""
+        head started, or a head grew). HTTP/2 frames (pings, settings) start no head: an
+        HTTP/2 connection is idle until a request's headers are complete."""
         for body in self.bodies.values():  # HTTP/2 interleaves: every open body may count it
             body[1] += n
-        if self.phase == IDLE:
+        if self.phase == IDLE and not http2:
             self.phase, self.since, self.head_bytes = HEAD, now, 0
         if self.phase in (OPENING, WAIT_HEAD, HEAD):
             self.head_bytes += n
@@ -216,7 +217,7 @@ class Guard(layer.Layer):
     def _before(self, event: events.Event, now: float) -> None:
         if isinstance(event, events.DataReceived):  # deadlines move later, none closer ...
             if event.connection is self.context.client:
-                if self.client.data(len(event.data), now):
+                if self.client.data(len(event.data), now, self.context.client.alpn == b"h2"):
                     self._dirty = True  # ... except a head's: started now, or grown
             elif isinstance(event.connection, connection.Server):
                 self.upstream.server_data(event.connection, now)
@@ -276,7 +277,7 @@ class Guard(layer.Layer):
         elif isinstance(command, tls.TlsClienthelloHook):
             c.to(HANDSHAKE, now)
         elif isinstance(command, tls.TlsEstablishedClientHook):
-            c.to(WAIT_HEAD, now)
+            c.to(IDLE if self.context.client.alpn == b"h2" else WAIT_HEAD, now)
         elif isinstance(command, tls.TlsEstablishedServerHook | tls.TlsFailedServerHook):
             u.handshaking.pop(command.data.conn, None)
             if isinstance(command, tls.TlsFailedServerHook):
