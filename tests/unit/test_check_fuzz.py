@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
+from test_check import PROVIDER as ONE_ENDPOINT
+
 SEED = 20261129
 MUTATED_CONFIGS = 160
 STRUCTURED = 80
@@ -66,24 +68,12 @@ log:
   format: text
 """
 
-PROVIDER = """\
-provider: acme
-name: Acme
-api: openai
-source: https://acme.example/docs
-reviewed: 2026-11-28
-endpoints:
-  - id: main
-    name: Acme API
-    hosts: [api.acme.example, '{geo}.acme.example']
-    model:
-      - {body: model}
-    places: [eu]
-    source: https://acme.example/docs
-    reviewed: 2026-11-28
+PROVIDER = ONE_ENDPOINT + """\
   - id: geo
     name: Acme regional
     hosts: ['{geo}.api.acme.example']
+    model:
+      - {body: model}
     locate: {from: host, capture: geo, values: {eu: [eu], us: {processing: [us], storage: [us]}}}
     source: https://acme.example/docs
     reviewed: 2026-11-28
