@@ -142,6 +142,9 @@ def _construct(loader: _Loader, node: yaml.Node, file: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):  # .nan passes every bound check
         raise InvalidSource([Problem(file, node.start_mark.line + 1,
                                      f"{_excerpt(node)} is not a finite number")])
+    if isinstance(value, int) and value.bit_length() > 64:  # 0xfff... has no digit limit
+        raise InvalidSource([Problem(file, node.start_mark.line + 1,
+                                     f"{_excerpt(node)} is too large a number")])
     return value
 
 

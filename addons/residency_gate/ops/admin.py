@@ -139,7 +139,9 @@ class AdminServer:
             if path == "/readyz":
                 return await self._checks(self.ready_checks, "ready")
             if self.live_checks is not None:
-                return await self._checks(self.live_checks, "live")
+                failing = await self._checks(self.live_checks, "live")
+                if failing[0] != 200:
+                    return failing
             return _text(200, "ok")
         except Exception as e:
             log.warning("admin listener: %s failed: %s", path, e)
