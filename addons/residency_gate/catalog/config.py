@@ -221,6 +221,11 @@ def load_config(path: Path | None) -> Config:
     private = []
     for i, p in enumerate(d["private_endpoints"] or []):
         url = urlsplit(p["url"])
+        try:
+            url.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            problems.append(doc.problem(("private_endpoints", i, "url"), f"{e}"))
+            continue
         if url.scheme not in ("http", "https") or not url.hostname:
             problems.append(doc.problem(("private_endpoints", i, "url"),
                                         f"not an http(s) URL: {p['url']!r}"))
