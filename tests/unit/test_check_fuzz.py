@@ -116,6 +116,9 @@ def bombs() -> list[str]:
         "residency:\n  zones:\n" + "".join(f"    z{i}: [de]\n" for i in range(5000)),
         "!!python/object/apply:os.system ['echo pwned']\n", "--- !!map\n? a\n: b\n",
         "residency: {clients: [{cidr: '" + "1" * 3000 + "', require: eu}]}\n",
+        "workers: 0x" + "f" * 5000 + "\n",  # no digit limit on hex: jsonschema's repr raised
+        "private_endpoints: [{name: x, url: 'https://a:b:1/v1', region: private, "
+        "models: {a: b}}]\n",  # a port that is not a number raised in urlsplit
         "\ufeff" + CONFIG, CONFIG.replace("\n", "\r\n"), CONFIG.encode("utf-16").decode("latin-1"),
     ]
 
