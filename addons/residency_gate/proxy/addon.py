@@ -42,7 +42,9 @@ from .refusals import refusal
 log = logging.getLogger("residency_gate")
 
 META = "residency_gate"  # flow.metadata key holding a FlowState
-INLINE_BODY_BYTES = 256 << 10  # larger request bodies are classified in a worker thread
+# larger request bodies, and every compressed one (200 KB of gzip may be 20 MB of JSON),
+# are classified in a worker thread
+INLINE_BODY_BYTES = 256 << 10
 
 
 @dataclass
@@ -164,7 +166,7 @@ class ResidencyGate:
             await self._answer(flow, state, bundle, admission.too_large(
                 limit, host, flow.request.pretty_url, bundle.catalog))
             return
-        if len(raw) <= INLINE_BODY_BYTES:
+        if len(raw) <= INLINE_BODY_BYTES and not flow.request.headers.get("content-encoding"):
             c = classify(flow, bundle, host)
         else:  # decompressing, parsing and hashing megabytes: not on the event loop
             c = await asyncio.get_running_loop().run_in_executor(
