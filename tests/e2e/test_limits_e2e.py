@@ -325,6 +325,7 @@ def test_a_gzip_bomb_is_refused_413_and_memory_stays_flat(
         assert r.status == 413 and "limits.request_body_ratio" in r.message, r
         assert r.headers["x-residency-decision"] == "block" and r.headers["x-residency-audit-id"]
     grew_mb = (gate.memory_kb()["VmRSS"] - idle) / 1024
+    print(f"idle RSS {idle // 1024} MB, after 3 bombs +{grew_mb:.1f} MB")
     assert grew_mb < 50, f"RSS grew {grew_mb:.0f} MB"
     assert_nothing_received(fake)
 
@@ -486,6 +487,7 @@ def test_a_sigkilled_writer_is_replaced_and_nothing_acknowledged_is_lost(
     finally:
         stop.set()
         worker.join(20)
+    print(f"traffic resumed {resumed:.2f}s after the SIGKILL; {statuses.count(503)} refused meanwhile")
     assert resumed < 5, f"LLM traffic resumed only after {resumed:.1f}s"
     assert writer_pid(proxy) != first
     assert set(statuses) <= {200, 503}, set(statuses)  # refused while restarting, never lost
