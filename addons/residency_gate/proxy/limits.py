@@ -35,8 +35,8 @@ from typing import Any
 
 from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers import http as http_hooks  # the hook classes it exports
 from mitmproxy.proxy.layers import tcp, tls, websocket
-from mitmproxy.proxy.layers.http import _hooks as http_hooks
 
 from ..catalog.config import Limits
 from . import upstream
