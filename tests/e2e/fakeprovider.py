@@ -483,6 +483,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, rec: Recorded) -> None:
         path = rec.url_path
         text = f"hello from {rec.host}"
+        if self.headers.get("X-Fake-Hang"):  # a provider that reads the request, never answers
+            return self._hang()
+        stall = self.headers.get("X-Fake-Stall-After")
+        if stall:  # a stream that sends `stall` events, then falls silent
+            self._start_chunked("text/event-stream")
+            for i in range(int(stall)):
+                self._chunk(f"data: {json.dumps({'i': i})}\n\n".encode())
+            return self._hang()
         if rec.host == PLAIN_HOST:
             return self._send(200, PLAIN_PAGE, "text/html", {"X-Fake-Site": "plain"})
         if rec.host in AI_APP_HOSTS:
@@ -635,6 +643,19 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "countTokens":
             return self._json({"totalTokens": 3})
         return self._json({"error": {"code": 404, "message": f"no method {method}", "status": "NOT_FOUND"}}, 404)
+
+    def _hang(self, limit: float = 120.0) -> None:
+        """Say nothing more until the other side closes (or `limit` seconds pass)."""
+        self.close_connection = True
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                if not self.connection.recv(1 << 16):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
 
     def _big(self, mb: float) -> None:
         total = int(mb * 1024 * 1024)

@@ -221,3 +221,18 @@ def test_metrics_render_error_is_500_and_server_survives():
             assert status == 200
 
     run(main())
+
+
+def test_healthz_fails_when_the_live_checks_do():
+    """A gate that can no longer serve (audit log failed for good) says so on /healthz."""
+    state = {"audit": True}
+
+    async def main():
+        async with serve(live_checks=lambda: dict(state)) as srv:
+            assert (await get(srv.port, "/healthz"))[::2] == (200, b"ok\n")
+            state["audit"] = "the audit log failed for good"
+            status, headers, body = await get(srv.port, "/healthz")
+            assert status == 503 and headers["content-type"] == "application/json"
+            assert json.loads(body)["failing"] == {"audit": "the audit log failed for good"}
+
+    run(main())

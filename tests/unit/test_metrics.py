@@ -21,9 +21,9 @@ EXPECTED = {  # exported name -> (type, label names, help)
         "Violations in report mode: forwarded, not enforced; by provider, the decision "
         "enforcing would have taken (block, reroute) and short reason code."),
     "residency_gate_upstream_errors_total": (
-        "counter", ("provider",),
-        "Forwarded LLM requests that got no response from the provider (connect, TLS or "
-        "protocol error, timeout), by provider."),
+        "counter", ("provider", "kind"),
+        "Forwarded LLM requests the provider did not answer, by provider and kind: "
+        "connect, tls, timeout, reset."),
     "residency_gate_inventory_connections_total": (
         "counter", ("provider",),
         "Connections to consumer AI apps tunnelled and recorded in the inventory "
@@ -54,6 +54,13 @@ EXPECTED = {  # exported name -> (type, label names, help)
         "counter", ("reason",),
         "Connections refused before any request: client outside access.clients, or "
         "CONNECT to a port outside access.connect_ports."),
+    "residency_gate_audit_writer_restarts_total": (
+        "counter", (),
+        "Audit writer processes restarted after dying (a failed write is never retried)."),
+    "residency_gate_limit_hits_total": (
+        "counter", ("limit",),
+        "Times a limit fired, by its config key (limits.*): a connection closed or refused, "
+        "a request refused, an upstream wait cut short."),
 }
 
 
@@ -100,7 +107,7 @@ def test_label_names():
     m.decision("openai", "block", "place")
     m.reported.labels(provider="openai", decision="block", reason="unknown_place").inc()
     m.inventory_connections.labels(provider="chatgpt").inc()
-    m.upstream_errors.labels(provider="openai").inc()
+    m.upstream_errors.labels(provider="openai", kind="timeout").inc()
     m.set_catalog_version("v1")
     m.set_review_ages({"openai": 1})
     m.audit_failures.inc()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..catalog.config import AuditConfig
 from .keys import load_or_create_signing_key
+from .resilient import ResilientAudit
 from .writer import AuditWriter
 from .writer_process import ProcessAuditWriter
 
@@ -30,20 +32,28 @@ class NullAudit:
         pass
 
 
-def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None
-               ) -> ProcessAuditWriter | AuditWriter | NullAudit:
+def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None,
+               on_restart: Callable[[str], Awaitable[None]] | None = None
+               ) -> ResilientAudit | AuditWriter | NullAudit:
     """The audit writer, open. By default in its own process (signing, hashing and fsync
-    off the proxy's core); RESIDENCY_GATE_AUDIT_THREAD=1 keeps it on a thread in-process."""
+    off the proxy's core), restarted when that process dies (`ResilientAudit`, up to
+    `audit.writer_restarts` times in a row; `on_restart(reason)` runs after each);
+    RESIDENCY_GATE_AUDIT_THREAD=1 keeps it on a thread in-process."""
     if os.environ.get("RESIDENCY_GATE_BENCH_NO_AUDIT") == "1":
         log.critical("RESIDENCY_GATE_BENCH_NO_AUDIT=1: NO AUDIT RECORDS ARE WRITTEN "
                      "(benchmarking only; never run a real proxy like this)")
         return NullAudit()
     key = load_or_create_signing_key(certs_dir)
-    cls = AuditWriter if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1" \
-        else ProcessAuditWriter
-    writer = cls(audit.dir, key, origin or audit.origin, fsync=audit.fsync,
-                 rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
-                 checkpoint_every=audit.checkpoint_every,
-                 checkpoint_seconds=audit.checkpoint_seconds, anchor_file=audit.anchor)
-    writer.open()
-    return writer
+    settings: dict[str, Any] = dict(
+        fsync=audit.fsync, rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
+        checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
+        anchor_file=audit.anchor)
+    origin = origin or audit.origin
+    if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1":
+        writer = AuditWriter(audit.dir, key, origin, **settings)
+        writer.open()
+        return writer
+    sink = ResilientAudit(lambda: ProcessAuditWriter(audit.dir, key, origin, **settings),
+                          audit.writer_restarts, on_restart)
+    sink.open()
+    return sink

@@ -40,8 +40,19 @@ DEFAULTS: dict[str, Any] = {
     "private_endpoints": [],
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
-              "anchor": None, "inventory_seconds": 60},
-    "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0},
+              "anchor": None, "inventory_seconds": 60, "writer_restarts": 5,
+              "fail_healthz": True},
+    "limits": {
+        "request_body_bytes": 32 << 20, "request_body_decoded_bytes": 32 << 20,
+        "request_body_ratio": 100, "decision_timeout_seconds": 10.0,
+        "client_header_seconds": 10.0, "client_handshake_seconds": 10.0,
+        "client_idle_seconds": 60.0, "client_body_seconds": 30.0, "client_body_min_rate": 1024,
+        "max_connections": 4096, "max_connections_per_client": 512,
+        "max_header_bytes": 64 << 10, "max_header_count": 100,
+        "upstream_connect_seconds": 10.0, "upstream_tls_seconds": 10.0,
+        "upstream_first_byte_seconds": 600.0, "upstream_idle_seconds": 300.0,
+        "tunnel_idle_seconds": 600.0,
+    },
     "log": {"format": "text", "level": "info"},
     # who may use the proxy, and where CONNECT may go (docs/deploy.md, "Who may use the proxy")
     "access": {"clients": [], "connect_ports": [443]},
@@ -98,6 +109,34 @@ class PrivateEndpointConfig:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """`limits.*`: every size, time and count the proxy enforces on what outsiders send
+    (clients) or fail to send (providers). Names are the config keys; docs/deploy.md
+    lists each with its default and the metric that shows it firing."""
+
+    request_body_bytes: int  # as received (compressed or not)
+    request_body_decoded_bytes: int  # after Content-Encoding
+    request_body_ratio: int  # decoded / received, checked once decoding passes RATIO_FLOOR
+    decision_timeout_seconds: float
+    client_header_seconds: float  # a request head (a CONNECT too) arrives whole within this
+    client_handshake_seconds: float  # the client's TLS handshake, from CONNECT or ClientHello
+    client_idle_seconds: float  # keep-alive: the next request starts within this
+    client_body_seconds: float  # a request body arrives within this ...
+    client_body_min_rate: int  # ... plus one second per this many bytes received
+    max_connections: int | None  # client connections open at once (None: no limit)
+    max_connections_per_client: int | None  # ... from one client address
+    max_header_bytes: int  # one request head (HTTP/1)
+    max_header_count: int  # header fields in one request
+    upstream_connect_seconds: float  # TCP connect to the provider
+    upstream_tls_seconds: float  # TLS handshake with the provider
+    upstream_first_byte_seconds: float  # request forwarded -> response head complete
+    upstream_idle_seconds: float  # between two reads of a response (SSE keeps it alive)
+    tunnel_idle_seconds: float  # any connection with no traffic at all (mitmproxy tcp_timeout)
+
+    RATIO_FLOOR = 1 << 20  # small bodies compress well legitimately: ratio checked above this
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     dir: Path
     fsync: str
@@ -108,6 +147,8 @@ class AuditConfig:
     checkpoint_seconds: int
     anchor: Path | None
     inventory_seconds: int = 60  # AI-app connections are counted, then recorded this often
+    writer_restarts: int = 5  # a writer process that dies is restarted this often in a row
+    fail_healthz: bool = True  # /healthz 503 once the audit writer failed for good
 
 
 @dataclass(frozen=True)
@@ -155,6 +196,7 @@ class Config:
     audit: AuditConfig
     request_body_bytes: int
     decision_timeout: float
+    limits: Limits
     log_format: str
     log_level: str
     workers: int
@@ -219,6 +261,11 @@ def load_config(path: Path | None) -> Config:
     private = []
     for i, p in enumerate(d["private_endpoints"] or []):
         url = urlsplit(p["url"])
+        try:
+            url.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            problems.append(doc.problem(("private_endpoints", i, "url"), f"{e}"))
+            continue
         if url.scheme not in ("http", "https") or not url.hostname:
             problems.append(doc.problem(("private_endpoints", i, "url"),
                                         f"not an http(s) URL: {p['url']!r}"))
@@ -259,9 +306,11 @@ def load_config(path: Path | None) -> Config:
             rotate_bytes=audit["rotate_bytes"], rotate_seconds=audit["rotate_seconds"],
             checkpoint_every=audit["checkpoint_every"],
             checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"]),
-            inventory_seconds=audit["inventory_seconds"]),
+            inventory_seconds=audit["inventory_seconds"],
+            writer_restarts=audit["writer_restarts"], fail_healthz=audit["fail_healthz"]),
         request_body_bytes=d["limits"]["request_body_bytes"],
         decision_timeout=float(d["limits"]["decision_timeout_seconds"]),
+        limits=Limits(**d["limits"]),
         log_format=d["log"]["format"],
         log_level=d["log"]["level"],
         workers=d["workers"],

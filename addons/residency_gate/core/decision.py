@@ -70,6 +70,10 @@ class ReasonCode(StrEnum):
     BAD_REQUEST = "bad_request", BLOCK, 400
     BODY_TOO_LARGE = "body_too_large", BLOCK, 413
     MISDIRECTED = "misdirected", BLOCK, 421
+    # the provider did not answer a forwarded request (the decision was recorded; these
+    # shape the answer the client gets instead of the provider's)
+    UPSTREAM_FAILED = "upstream_failed", BLOCK, 502
+    UPSTREAM_TIMEOUT = "upstream_timeout", BLOCK, 504
     # refused: the gate cannot do its job right now (fail closed)
     INTERNAL_ERROR = "internal_error", BLOCK, 500
     AUDIT_UNAVAILABLE = "audit_unavailable", BLOCK, 503

@@ -81,6 +81,8 @@ class RequestView:
                     self._json = json.loads(self.body)
                 except (ValueError, UnicodeDecodeError) as e:
                     self._json = BodyError(f"request body is not valid JSON ({e})")
+                except RecursionError:
+                    self._json = BodyError("request body nests JSON too deeply to be read")
             if isinstance(self._json, BodyError):
                 self.reads["body"] = "unreadable"
                 self.reads["body_error"] = str(self._json)[:256]

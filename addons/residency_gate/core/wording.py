@@ -115,6 +115,11 @@ def too_large(limit: int) -> str:
             f"residency-gate cannot classify it and refused it. {NOTHING_FORWARDED}")
 
 
+def decodes_too_large(limit: int, key: str) -> str:
+    return (f"Request body decodes (Content-Encoding) to more than {limit} bytes ({key}); "
+            f"residency-gate refused it without decoding further. {NOTHING_FORWARDED}")
+
+
 def bad_content_length() -> str:
     return "Invalid Content-Length header; refused."
 
@@ -132,6 +137,25 @@ def audit_unavailable() -> str:
 def decision_timeout(seconds: float) -> str:
     return (f"residency-gate could not decide on and record this request within {seconds:g}s "
             "(limits.decision_timeout_seconds) and refused it; nothing was forwarded.")
+
+
+UPSTREAM_FAILURES = {
+    "connect": "could not be connected to",
+    "tls": "failed the TLS handshake",
+    "reset": "closed the connection without an answer",
+}
+
+
+def upstream_failed(host: str, kind: str) -> str:
+    what = UPSTREAM_FAILURES.get(kind, "did not answer")
+    return (f"The provider {host} {what}; residency-gate forwarded the request (it was "
+            "allowed and recorded) and got no response. Retry later.")
+
+
+def upstream_timeout(host: str, key: str, seconds: float) -> str:
+    return (f"The provider {host} did not answer within {seconds:g}s (limits.{key}); "
+            "residency-gate forwarded the request (it was allowed and recorded) and gave up "
+            "waiting. Retry later.")
 
 
 def key_missing(host: str, env: str) -> str:

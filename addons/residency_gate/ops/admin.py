@@ -4,7 +4,9 @@ One request per connection, GET and HEAD only. A bounded request head, a read ti
 and a cap on concurrent connections limit what a bad client costs; an error serving one
 closes its connection only, nothing propagates into the event loop. ``ready_checks()``
 (plain or coroutine function) returns ``{name: True | False | "reason"}``; /readyz is
-503 naming the failing checks. ``reuse_port=False`` is explicit: worker processes make
+503 naming the failing checks. ``live_checks()``, when given, does the same for /healthz:
+a gate that can no longer serve at all (its audit log failed for good) says so there, so
+an orchestrator restarts it; without it /healthz is 200 while the process answers. ``reuse_port=False`` is explicit: worker processes make
 SO_REUSEPORT the default (workers.py), and an admin port must never be shared.
 """
 
@@ -45,10 +47,12 @@ class _Refuse(Exception):
 class AdminServer:
     def __init__(self, host: str, port: int, registry: Collector,
                  ready_checks: Callable[[], Checks | Awaitable[Checks]], *,
+                 live_checks: Callable[[], Checks | Awaitable[Checks]] | None = None,
                  read_timeout: float = READ_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         self.host, self._requested_port = host, port
         self.registry, self.ready_checks = registry, ready_checks
+        self.live_checks = live_checks
         self.read_timeout, self.max_connections = read_timeout, max_connections
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task] = set()
@@ -132,22 +136,29 @@ class AdminServer:
         try:
             if path == "/metrics":
                 return 200, generate_latest(self.registry).decode(), CONTENT_TYPE_PLAIN_0_0_4, {}
-            return await self._readyz() if path == "/readyz" else _text(200, "ok")
+            if path == "/readyz":
+                return await self._checks(self.ready_checks, "ready")
+            if self.live_checks is not None:
+                failing = await self._checks(self.live_checks, "live")
+                if failing[0] != 200:
+                    return failing
+            return _text(200, "ok")
         except Exception as e:
             log.warning("admin listener: %s failed: %s", path, e)
             return _text(500, "internal error")
 
-    async def _readyz(self) -> Response:
+    async def _checks(self, checks_of: Callable[[], Checks | Awaitable[Checks]],
+                      name: str) -> Response:
         try:
-            result = self.ready_checks()
+            result = checks_of()
             if inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, CHECK_TIMEOUT)
             checks = {str(k): v if isinstance(v, bool | str) else bool(v)
                       for k, v in dict(result).items()}
         except Exception as e:
-            checks = {"ready_checks": f"error: {type(e).__name__}: {e}"}
+            checks = {f"{name}_checks": f"error: {type(e).__name__}: {e}"}
         failing = {k: v for k, v in checks.items() if v is not True}
-        doc = {"ready": not failing, **({"failing": failing} if failing else {}), "checks": checks}
+        doc = {name: not failing, **({"failing": failing} if failing else {}), "checks": checks}
         body = json.dumps(doc, sort_keys=True) + "\n"
         return 503 if failing else 200, body, "application/json", {}
 

@@ -10,6 +10,7 @@ defined by the addons kept (a test checks each one still works).
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import certifi
@@ -30,6 +31,7 @@ from mitmproxy.master import Master
 from mitmproxy.options import Options
 
 from ..catalog.bundle import Bundle
+from ..catalog.config import Limits
 
 CA_CERT = "mitmproxy-ca-cert.pem"
 
@@ -64,6 +66,7 @@ def mitmproxy_options(bundle: Bundle, write: bool = True) -> dict:
         # Lazy: no upstream connection before our decision, so a refused request
         # never even opens a TCP/TLS connection to the provider.
         "connection_strategy": "lazy",
+        **limit_options(config.limits),
     }
     trust = upstream_trust_bundle(bundle, write)
     if trust is not None:
@@ -71,6 +74,15 @@ def mitmproxy_options(bundle: Bundle, write: bool = True) -> dict:
     if config.proxy_auth:
         opts["proxyauth"] = config.proxy_auth
     return opts
+
+
+def limit_options(limits: Limits) -> dict:
+    """The limits mitmproxy enforces itself. `tcp_timeout` closes a connection with no
+    traffic either way; it must not cut a provider the gate is still waiting on, so it is
+    at least the longest upstream wait (proxy/limits.py enforces those, and the rest)."""
+    longest = max(limits.tunnel_idle_seconds, limits.upstream_first_byte_seconds,
+                  limits.upstream_idle_seconds)
+    return {"tcp_timeout": math.ceil(longest) + 1}
 
 
 def gate_master(*addons: object) -> Master:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["AUDIT_WRITE_BUCKETS", "DECISION_BUCKETS", "METRICS", "Metrics"]
+__all__ = ["AUDIT_WRITE_BUCKETS", "COUNTED_LIMITS", "DECISION_BUCKETS", "METRICS", "Metrics"]
 
 prometheus_client.disable_created_metrics()
 
@@ -41,6 +41,18 @@ AUDIT_WRITE_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
+
+
+# limits.* keys counted in residency_gate_limit_hits_total (the request_body_* limits and
+# decision_timeout_seconds refuse a request: residency_gate_decisions_total counts them by
+# reason, body_too_large and decision_timeout)
+COUNTED_LIMITS: tuple[str, ...] = (
+    "client_header_seconds", "client_handshake_seconds", "client_idle_seconds",
+    "client_body_seconds", "max_connections", "max_connections_per_client",
+    "max_header_bytes", "max_header_count",
+    "upstream_connect_seconds", "upstream_tls_seconds", "upstream_first_byte_seconds",
+    "upstream_idle_seconds",
+)
 
 
 class Metrics:
@@ -71,9 +83,9 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "residency_gate_upstream_errors_total",
-            "Forwarded LLM requests that got no response from the provider (connect, TLS or "
-            "protocol error, timeout), by provider.",
-            ("provider",), registry=r,
+            "Forwarded LLM requests the provider did not answer, by provider and kind: "
+            "connect, tls, timeout, reset.",
+            ("provider", "kind"), registry=r,
         )
         self.decision_seconds = Histogram(
             "residency_gate_decision_seconds",
@@ -114,6 +126,11 @@ class Metrics:
             "checked against its source.",
             ("provider",), registry=r,
         )
+        self.audit_writer_restarts = Counter(
+            "residency_gate_audit_writer_restarts_total",
+            "Audit writer processes restarted after dying (a failed write is never retried).",
+            registry=r,
+        )
         self.open_connections = Gauge(
             "residency_gate_open_connections", "Client connections currently open.", registry=r,
         )
@@ -128,6 +145,12 @@ class Metrics:
             "CONNECT to a port outside access.connect_ports.",
             ("reason",), registry=r,
         )
+        self.limit_hits = Counter(
+            "residency_gate_limit_hits_total",
+            "Times a limit fired, by its config key (limits.*): a connection closed or "
+            "refused, a request refused, an upstream wait cut short.",
+            ("limit",), registry=r,
+        )
         # pre-create the fixed label sets so rate() works from the first scrape
         for result in ("ok", "error"):
             self.config_reloads.labels(result=result)
@@ -135,6 +158,8 @@ class Metrics:
             self.flows.labels(kind=kind)
         for reason in ("client", "connect_port"):
             self.refused_connections.labels(reason=reason)
+        for limit in COUNTED_LIMITS:
+            self.limit_hits.labels(limit=limit)
 
     def set_catalog_version(self, version: str) -> None:
         """Export residency_gate_catalog_info{version=...} 1 (only the current one)."""

@@ -22,7 +22,7 @@ from ..proxy.addon import ResidencyGate
 from ..proxy.interface import Gate
 from . import worker
 from .ca import CaError, load_or_create_ca
-from .embed import CA_CERT, gate_master, mitmproxy_options
+from .embed import CA_CERT, gate_master, limit_options, mitmproxy_options
 from .logs import setup_logging
 from .metrics import METRICS
 from .reload import Reloader
@@ -50,7 +50,16 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         origin = worker.worker_origin(origin, index)
         if admin_addr is not None:
             admin_addr = worker.worker_admin(admin_addr, index)
-    writer = open_audit(config.audit, config.certs_dir, origin)
+
+    async def writer_restarted(reason: str) -> None:
+        """The chain says the writer was restarted, and under which config it goes on."""
+        METRICS.audit_writer_restarts.inc()
+        now = gate.bundle
+        await writer.append("config", config_fields(
+            now.revisions, str(now.config.path) if now.config.path else None,
+            now.catalog.files, "writer_restart"))
+
+    writer = open_audit(config.audit, config.certs_dir, origin, writer_restarted)
     gate = Gate(bundle=bundle, audit=writer, metrics=METRICS)
     try:
         await writer.append("config", config_fields(
@@ -72,7 +81,11 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
         def ready() -> dict[str, bool | str]:
             return {"catalog": gate.bundle is not None, "audit": gate.audit.healthy}
 
-        admin = AdminServer(admin_addr[0], admin_addr[1], METRICS.registry, ready)
+        def live() -> dict[str, bool | str]:
+            return {"audit": audit_alive(gate.audit) or "the audit log failed for good"}
+
+        admin = AdminServer(admin_addr[0], admin_addr[1], METRICS.registry, ready,
+                            live_checks=live if config.audit.fail_healthz else None)
         try:
             await admin.start()
         except OSError:
@@ -84,7 +97,8 @@ async def serve(bundle: Bundle, config_arg: str | None) -> int:
     master = gate_master(ResidencyGate(gate))
     master.options.update(**mitmproxy_options(bundle))
 
-    reloader = Reloader(gate, config_arg, METRICS)
+    reloader = Reloader(gate, config_arg, METRICS,
+                        on_swap=lambda b: master.options.update(**limit_options(b.config.limits)))
     loop = asyncio.get_running_loop()
     stopping = False
 
@@ -188,6 +202,13 @@ def _listen_key(config) -> str:
     if ("listen",) in doc.lines:
         return f"`listen:` in {config.path}:{doc.line(('listen',))}"
     return f"`listen:` (add it to {config.path}; the default is 127.0.0.1:8080)"
+
+
+def audit_alive(sink) -> bool:
+    """False once the audit sink can never write again (not while it restarts a writer)."""
+    if hasattr(sink, "failed_for_good"):
+        return not sink.failed_for_good
+    return getattr(sink, "failure", None) is None  # a writer on a thread never comes back
 
 
 def _listening(master) -> bool:

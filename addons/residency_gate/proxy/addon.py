@@ -7,7 +7,9 @@ A request's path, in hook order (connection hooks live in `connections.py`):
                       event loop) -> `_answer`: route applied, record durable, metric,
                       then forward (tag header stripped), refuse, or reroute
   responseheaders  -> stream the response, mark it with X-Residency-Decision
-  response / error -> outcome record
+  response / error -> outcome record; a provider that did not answer (connect, TLS,
+                      timeout, reset: `limits.py` times it) gets the client a 502/504 in
+                      the provider's own shape instead of mitmproxy's page (`upstream.py`)
 
 mitmproxy logs and then ignores exceptions raised by addons, which would let a
 flow through. Both request hooks run inside `_guard`, which turns any error or
@@ -30,16 +32,20 @@ from ..catalog.bundle import Bundle
 from ..core import admission, wording
 from ..core.decision import BLOCK, REROUTE, Decision, ReasonCode, refuse
 from ..core.request import Request
+from . import decoding, upstream
 from .connections import Access, Interception, Resolve
 from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
 from .interface import Gate
 from .inventory import Inventory
+from .limits import ConnectionLimits
 from .refusals import BlockPage, refusal, wants_page
 
 log = logging.getLogger("residency_gate")
 
 META = "residency_gate"  # flow.metadata key holding a FlowState
-INLINE_BODY_BYTES = 256 << 10  # larger request bodies are classified in a worker thread
+# larger request bodies, and every compressed one (200 KB of gzip may be 20 MB of JSON),
+# are classified in a worker thread
+INLINE_BODY_BYTES = 256 << 10
 
 
 @dataclass
@@ -61,7 +67,7 @@ class AuditFailed(Exception):
 class Classified:
     request: Request
     decision: Decision
-    digest: BodyDigest
+    digest: BodyDigest | None
     seconds: float
 
 
@@ -69,7 +75,13 @@ def classify(flow: http.HTTPFlow, bundle: Bundle, host: str) -> Classified:
     """Decode the body, decide, digest the body. Pure CPU: safe in a worker thread
     (the flow is paused while its `request` hook awaits us)."""
     t0 = time.perf_counter()
-    body, error, digest = read_body(flow)
+    try:
+        body, error, digest = read_body(flow, bundle.config.limits)
+    except decoding.TooLarge as e:  # a compression bomb: refused, never held in memory
+        req = request_of(flow, host, bundle.policy.header)
+        refused = refuse(ReasonCode.BODY_TOO_LARGE, wording.decodes_too_large(e.limit, e.key),
+                         host=host, url=req.url, api=bundle.catalog.api_of(host))
+        return Classified(req, refused, None, time.perf_counter() - t0)
     req = request_of(flow, host, bundle.policy.header, body, error)
     return Classified(req, bundle.decide(req), digest, time.perf_counter() - t0)
 
@@ -86,8 +98,10 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
-        # mitmproxy loads nested addons
-        self.addons = [Access(self), Interception(self), Resolve(self), Inventory(self)]
+        # mitmproxy loads nested addons, after its own; ConnectionLimits comes last: it
+        # wraps the layers that next_layer (mitmproxy's, Interception's, Inventory's) picked
+        self.addons = [Access(self), Interception(self), Resolve(self), Inventory(self),
+                       ConnectionLimits(self)]
 
     # ------------------------------------------------------------------ requests
 
@@ -161,7 +175,7 @@ class ResidencyGate:
             await self._answer(flow, state, bundle, admission.too_large(
                 limit, host, flow.request.pretty_url, bundle.catalog))
             return
-        if len(raw) <= INLINE_BODY_BYTES:
+        if len(raw) <= INLINE_BODY_BYTES and not flow.request.headers.get("content-encoding"):
             c = classify(flow, bundle, host)
         else:  # decompressing, parsing and hashing megabytes: not on the event loop
             c = await asyncio.get_running_loop().run_in_executor(
@@ -289,23 +303,47 @@ class ResidencyGate:
         self._outcome(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._outcome(flow)
+        kind = upstream.error_kind(flow)
+        state: FlowState | None = flow.metadata.get(META)
+        if (state is not None and state.decision is not None and not state.answered
+                and flow.response is None and kind in upstream.PROVIDER_KINDS):
+            flow.metadata[upstream.ANSWER] = self._provider_failed(flow, state, kind)
+        self._outcome(flow, kind)
 
-    def _outcome(self, flow: http.HTTPFlow) -> None:
+    def _provider_failed(self, flow: http.HTTPFlow, state: FlowState, kind: str
+                         ) -> http.Response:
+        """The answer for a forwarded request the provider did not answer: 504 or 502 in
+        the provider's error shape, with the audit id of the decision that forwarded it."""
+        failure = upstream.failure_of(flow)
+        host = flow.request.host  # where it went (the route's host after a reroute)
+        known = state.decision
+        if failure is not None and failure.kind == "timeout":
+            code, reason = ReasonCode.UPSTREAM_TIMEOUT, wording.upstream_timeout(
+                host, failure.limit, failure.seconds)
+        else:
+            code, reason = ReasonCode.UPSTREAM_FAILED, wording.upstream_failed(host, kind)
+        if self.gate is not None and self.gate.metrics:
+            self.gate.metrics.upstream_errors.labels(provider=known.provider or "-",
+                                                     kind=kind).inc()
+        log.warning("no answer from %s for %s (%s): %s", host, state.audit_id, kind,
+                    flow.error.msg if flow.error else "")
+        return refusal(refuse(code, reason, host=host, url=known.url, api=known.api,
+                              endpoint=known.endpoint, model=known.model,
+                              requirement=known.requirement), state.audit_id)
+
+    def _outcome(self, flow: http.HTTPFlow, error_kind: str | None = None) -> None:
         state: FlowState | None = flow.metadata.get(META)
         if state is None or state.audit_id is None or self.gate is None:
             return
+        answer = flow.response or flow.metadata.get(upstream.ANSWER)  # what the client got
         fields = outcome_fields(
-            state.audit_id, flow.response.status_code if flow.response else None,
+            state.audit_id, answer.status_code if answer else None,
             len(flow.request.raw_content or b""),
             len(flow.response.raw_content or b"")
             if flow.response and not flow.response.stream else None,
             int((time.monotonic() - state.started) * 1000),
-            flow.error.msg if flow.error else None)
+            flow.error.msg if flow.error else None, error_kind)
         state.audit_id = None  # one outcome per decision
-        if flow.error and state.decision is not None and self.gate.metrics:
-            self.gate.metrics.upstream_errors.labels(
-                provider=state.decision.provider or "-").inc()
         if self.gate.audit.healthy:
             self.gate.spawn(self._write_outcome(fields))
 

@@ -3,6 +3,7 @@
   client_connected -> only loopback and access.clients may use the proxy
   http_connect     -> CONNECT only to access.connect_ports (403 otherwise)
   tls_clienthello  -> intercept only catalog hosts (by CONNECT target or SNI); tunnel the rest
+  next_layer       -> a stream to an LLM host is parsed as HTTP, never relayed as raw TCP
   tcp_start        -> raw (non-HTTP) streams to an LLM host are killed, never relayed
   server_connect   -> connect where `resolve` says, SNI and certificate still on the host name
 """
@@ -14,7 +15,8 @@ import logging
 import time
 
 from mitmproxy import connection, http, tcp, tls
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import layer, layers, server_hooks
+from mitmproxy.proxy.layers.http import HTTPMode
 
 from ..core import wording
 from ..core.admission import is_ip
@@ -115,6 +117,25 @@ class Interception:
         data.ignore_connection = not intercept
         if self.gate is not None and self.gate.metrics:
             self.gate.metrics.flows.labels(kind="intercepted" if intercept else "tunnelled").inc()
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """mitmproxy relays a stream it takes for non-HTTP as raw TCP (a first read of fewer
+        than 3 bytes is enough); to an LLM host that would leave undecided. Parse it as
+        HTTP instead: a real request is then decided like any other, garbage gets a 400."""
+        lay = nextlayer.layer
+        if not isinstance(lay, layers.TCPLayer) or lay.flow is None:
+            return  # not raw TCP, or a tunnel to a non-LLM host (flow None: ignored)
+        ctx = nextlayer.context
+        try:
+            catalog = self.gate.bundle.catalog
+            llm = any(catalog.is_llm(n) for n in (
+                ctx.server.address[0] if ctx.server.address else "", ctx.client.sni or ""))
+        except Exception:
+            log.exception("cannot classify a raw stream; parsing it as HTTP (fail closed)")
+            llm = True
+        if llm:
+            ctx.layers.remove(lay)
+            nextlayer.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """Non-HTTP bytes inside an intercepted LLM tunnel would be relayed undecided: kill."""

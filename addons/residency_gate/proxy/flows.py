@@ -9,10 +9,12 @@ import os
 from mitmproxy import http
 
 from ..audit.record import BodyDigest
+from ..catalog.config import Limits
 from ..core.admission import Destination
 from ..core.request import Request
 from ..core.reroute import Route, apply_body_fields
 from ..core.sigv4 import is_signed, signed_headers
+from . import decoding
 
 
 def destination_of(flow: http.HTTPFlow) -> Destination:
@@ -39,15 +41,25 @@ def request_of(flow: http.HTTPFlow, host: str, header: str, body: bytes | None =
                    signed=is_signed(r.headers.get("authorization", ""), r.path))
 
 
-def read_body(flow: http.HTTPFlow) -> tuple[bytes | None, str | None, BodyDigest]:
-    """Decoded body (or the raw one with the reason it cannot be decoded), and its digest."""
+def read_body(flow: http.HTTPFlow, limits: Limits) -> tuple[bytes | None, str | None,
+                                                            BodyDigest]:
+    """Decoded body (or the raw one with the reason it cannot be decoded), and its digest.
+
+    Decoding is bounded (`decoding.decode`): a body that would decode beyond
+    `limits.request_body_decoded_bytes`, or beyond `request_body_ratio` times its size once
+    past RATIO_FLOOR, raises decoding.TooLarge before it is held in memory."""
+    raw = flow.request.raw_content or b""
+    limit, key = limits.request_body_decoded_bytes, "limits.request_body_decoded_bytes"
+    by_ratio = max(Limits.RATIO_FLOOR, limits.request_body_ratio * len(raw))
+    if by_ratio < limit:
+        limit, key = by_ratio, "limits.request_body_ratio"
+    encoding = flow.request.headers.get("content-encoding")
     error = None
     try:
-        body = flow.request.get_content(strict=True)
-    except ValueError as e:
+        body: bytes | None = decoding.decode(raw, encoding, limit, key)
+    except decoding.Undecodable as e:
         body = flow.request.raw_content
-        error = (f"body cannot be decoded (Content-Encoding: "
-                 f"{flow.request.headers.get('content-encoding')}: {e})")
+        error = f"body cannot be decoded (Content-Encoding: {encoding}: {e})"
     data = body or b""
     return body, error, BodyDigest(hashlib.sha256(data).hexdigest(), len(data))
 
