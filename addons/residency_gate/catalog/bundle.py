@@ -111,7 +111,8 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
                                   tuple(sorted(config.zones))),
         on_violation=config.on_violation, azure=azure, azure_keys=azure_keys,
         private=tuple(private),
-        env_present=frozenset(k for k in key_envs if os.environ.get(k)))
+        env_present=frozenset(k for k in key_envs if os.environ.get(k)),
+        json_depth=config.json_depth)
     ctx = OptionContext(regions, azure)
     for endpoint in catalog.endpoints:
         policy.options[endpoint.key] = endpoint.locator.options(endpoint, ctx)

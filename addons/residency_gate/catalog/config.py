@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..core.strict_json import JSON_DEPTH
 from .schema import schema_problems
 from .source import InvalidSource, Problem, SourceDoc, load_yaml
 
@@ -31,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "catalog": None,
     "upstream_ca": None,
     "resolve": {},
+    "ip_literals": "inspect",
     "residency": {"header": "X-Data-Residency", "zones": {}, "default": None, "clients": [],
                   "on_violation": "block"},
     "azure": {"resources": {}},
@@ -38,7 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
               "anchor": None},
-    "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0},
+    "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0,
+               "json_depth": JSON_DEPTH},
     "log": {"format": "text", "level": "info"},
 }
 
@@ -114,6 +117,7 @@ class Config:
     catalog: tuple[Path, ...]
     upstream_ca: Path | None
     resolve: dict[str, tuple[str, int]]
+    ip_literals: str  # inspect | refuse | tunnel: TLS to an IP-literal CONNECT target
     header: str
     zones: dict[str, tuple[str, ...]]
     default: tuple[str, ...]
@@ -124,6 +128,7 @@ class Config:
     audit: AuditConfig
     request_body_bytes: int
     decision_timeout: float
+    json_depth: int
     log_format: str
     log_level: str
     workers: int
@@ -200,6 +205,7 @@ def load_config(path: Path | None) -> Config:
         upstream_ca=rel(d["upstream_ca"]),
         resolve={h.lower().rstrip("."): hostport("resolve", t)
                  for h, t in (d["resolve"] or {}).items()},
+        ip_literals=d["ip_literals"],
         header=residency["header"],
         zones={k.lower(): names_list(v) for k, v in (residency["zones"] or {}).items()},
         default=names_list(residency["default"]),
@@ -215,6 +221,7 @@ def load_config(path: Path | None) -> Config:
             checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"])),
         request_body_bytes=d["limits"]["request_body_bytes"],
         decision_timeout=float(d["limits"]["decision_timeout_seconds"]),
+        json_depth=d["limits"]["json_depth"],
         log_format=d["log"]["format"],
         log_level=d["log"]["level"],
         workers=d["workers"],

@@ -20,6 +20,7 @@ from .apis import FALLBACK, Api
 from .endpoints import Catalog, Endpoint, normalise_host
 from .extract import first_match
 from .locate import Location, Option
+from .normalise import UnsafePath, normalise_target, split_target
 from .policy import Policy
 from .request import BodyError, Request, RequestView
 from .requirement import Requirement, UnknownTag
@@ -55,6 +56,7 @@ class ReasonCode(StrEnum):
     # refused: the request cannot be decided as sent
     UNKNOWN_TAG = "unknown_tag", BLOCK, 400
     BAD_BODY = "bad_body", BLOCK, 400
+    BAD_PATH = "bad_path", BLOCK, 400
     BAD_REQUEST = "bad_request", BLOCK, 400
     BODY_TOO_LARGE = "body_too_large", BLOCK, 413
     MISDIRECTED = "misdirected", BLOCK, 421
@@ -80,6 +82,7 @@ class Decision:
     route: Route | None = None
     trace: tuple[str, ...] = ()  # the evaluation's steps, as `explain` shows them
     reads: Mapping[str, Any] = field(default_factory=dict)  # body/query values read
+    target: str | None = None  # path?query to forward when it differs from what was sent
 
     @property
     def verdict(self) -> str:
@@ -109,7 +112,8 @@ def refuse(code: ReasonCode, reason: str, *, host: str, url: str, api: Api = FAL
 
 
 def decide(catalog: Catalog, policy: Policy, req: Request) -> Decision:
-    """Classify the destination, resolve the requirement, locate, compare."""
+    """Classify the destination, resolve the requirement, normalise the path, locate,
+    compare."""
     host = normalise_host(req.host)
     url = Request(req.method, req.scheme, host, req.port, req.path).url
     matched = catalog.match(host)
@@ -126,9 +130,27 @@ def decide(catalog: Catalog, policy: Policy, req: Request) -> Decision:
         return Decision(ReasonCode.UNKNOWN_TAG, wording.unknown_tag(e.tag, policy, host),
                         trace=tuple(trace), **base)
     trace.extend(f"requirement from {p.detail}: {'+'.join(p.names)}" for p in requirement.parts)
-    path, _, query = req.path.partition("?")
-    view = RequestView(host=host, path=path, query=query, body=req.body, captures=captures,
-                       azure=policy.azure, body_error=req.body_error)
+    try:
+        target = normalise_target(req.path)
+        if target != req.path and req.signed:
+            raise UnsafePath(f"a form that is not normal, and a SigV4-signed request cannot be "
+                             f"rewritten (its normal form is {split_target(target)[0]!r})")
+    except UnsafePath as e:
+        trace.append(f"path: {e.what}")
+        if requirement.places is None:
+            return Decision(ReasonCode.NO_REQUIREMENT, wording.no_requirement_path(e),
+                            requirement=requirement, trace=tuple(trace), **base)
+        return Decision(ReasonCode.BAD_PATH, wording.bad_path(requirement, host, e),
+                        requirement=requirement, trace=tuple(trace), **base)
+    if target != req.path:
+        trace.append(f"path normalised: {split_target(req.path)[0]} -> "
+                     f"{split_target(target)[0]}")
+        base["url"] = Request(req.method, req.scheme, host, req.port, target).url
+        base["target"] = target
+    path, query = split_target(target)
+    view = RequestView(host=host, path=path, query=query or "", body=req.body,
+                       captures=captures, azure=policy.azure, body_error=req.body_error,
+                       json_depth=policy.json_depth)
     base["reads"] = view.reads  # filled as locators read; complete once decide returns
     try:
         model = first_match(endpoint.model, view)

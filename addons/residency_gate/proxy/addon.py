@@ -3,9 +3,12 @@
 A request's path, in hook order (connection hooks live in `connections.py`):
   requestheaders   -> an LLM body declared over the size limit is refused now: a
                       streamed body would leave before `request` runs
-  request          -> destination checks (fronting) -> decision (large bodies off the
-                      event loop) -> `_answer`: route applied, record durable, metric,
-                      then forward (tag header stripped), refuse, or reroute
+  request          -> destination checks (fronting; an IP-literal CONNECT target is
+                      decided by the name its Host header gives, and then connected to by
+                      that name) -> decision (path normalised, body read strictly; large
+                      bodies off the event loop) -> `_answer`: route applied, record
+                      durable, metric, then forward exactly what was decided on (the
+                      normalised path, tag header stripped), refuse, or reroute
   responseheaders  -> stream the response, mark it with X-Residency-Decision
   response / error -> outcome record
 
@@ -31,7 +34,15 @@ from ..core import admission, wording
 from ..core.decision import BLOCK, REROUTE, Decision, ReasonCode, refuse
 from ..core.request import Request
 from .connections import Interception, Resolve
-from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
+from .flows import (
+    MissingKey,
+    apply_route,
+    connect_by_name,
+    destination_of,
+    read_body,
+    request_of,
+    strip_tag,
+)
 from .interface import Gate
 from .refusals import refusal
 
@@ -78,7 +89,8 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
-        self.addons = [Interception(self), Resolve(self)]  # mitmproxy loads nested addons
+        self.interception = Interception(self)
+        self.addons = [self.interception, Resolve(self)]  # mitmproxy loads nested addons
 
     # ------------------------------------------------------------------ requests
 
@@ -145,6 +157,7 @@ class ResidencyGate:
         if isinstance(host, Decision):
             await self._answer(flow, state, bundle, host)
             return
+        connect_by_name(flow, host)
         raw = flow.request.raw_content or b""
         limit = bundle.config.request_body_bytes
         if len(raw) > limit:  # chunked: no Content-Length up front
@@ -165,6 +178,8 @@ class ResidencyGate:
     async def _destination(self, flow: http.HTTPFlow, bundle: Bundle) -> str | Decision | None:
         """The LLM host this request really goes to, None for other traffic, or a refusal."""
         dest = destination_of(flow)
+        if flow.client_conn.id in self.interception.refused:
+            return admission.ip_literal_refused(bundle.catalog, dest)
         name = admission.name_to_verify(bundle.catalog, dest)
         resolves = await self._resolves_to(name, dest.target, bundle) if name else None
         return admission.destination(bundle.catalog, dest, resolves)
@@ -178,7 +193,9 @@ class ResidencyGate:
             infos = await asyncio.get_running_loop().getaddrinfo(name, None)
         except OSError:
             return False
-        return any(info[4][0] == address for info in infos)
+        addresses = [info[4][0] for info in infos]
+        self.interception.llm_addresses.learn(addresses)  # they serve an LLM host (ECH)
+        return address in addresses
 
     # ------------------------------------------------------------------ the one answer path
 
@@ -193,6 +210,8 @@ class ResidencyGate:
         header = bundle.policy.header
         if decision.verdict != BLOCK:
             strip_tag(flow, header)
+            if decision.target is not None:
+                flow.request.path = decision.target  # the normalised path it was decided on
         if decision.verdict == REROUTE:
             try:
                 apply_route(flow, decision.route)
