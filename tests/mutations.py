@@ -214,7 +214,7 @@ _KEPT = re.compile(r"%(?:2[fF]|5[cC]|25)")
 
 def _decode_then_resolve(path: str) -> str:
     """A server that percent-decodes (all but '/', '\\' and '%') before removing dot
-    segments, as some frameworks do."""
+    segments, as some frameworks do; delimiters it decoded stay data (re-encoded)."""
     parts = _KEPT.split(path)
     kept = _KEPT.findall(path)
     decoded = unquote(parts[0], errors="strict") if parts else ""
@@ -230,7 +230,7 @@ def _decode_then_resolve(path: str) -> str:
                 out.append("")
             continue
         out.append(seg)
-    return "/" + "/".join(quote(s, safe="!$&'()*+,;=:@~%-._") for s in out)
+    return "/" + "/".join(quote(s, safe="!$&'()*+,=:@~%-._") for s in out)  # ';' stays data
 
 
 def path_readings(target: str) -> Iterator[tuple[str, str]]:

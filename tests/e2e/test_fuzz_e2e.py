@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 
 from mutations import CONFIG, Sent, agrees, fuzz_settings, reference_decisions, requests
 from residency_gate.catalog.bundle import load_bundle
@@ -68,10 +68,12 @@ def test_refused_or_decided_on_what_the_provider_received(sent: Sent, gate: Prox
         # Refused: by the gate (answered before any upstream connection), or by mitmproxy
         # itself for a request it cannot parse.
         assert fake.requests == [], (sent, resp and resp.body[:300])
+        event(f"{sent.kind}: refused {resp.status if resp is not None else 'connection'}")
         if verdict == "block":
             assert resp.status in (400, 421, 451), resp.status
         return
     assert verdict == "allow", (resp.status, resp.headers, sent)
+    event(f"{sent.kind}: forwarded")
     (received,) = fake.requests
     record = records_by_id(gate)[resp.header("X-Residency-Audit-Id")]
     assert received.url_path == record["inputs"]["path"], "forwarded something else"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import cache
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 
 from helpers import policy_from
 from mutations import CONFIG, Sent, agrees, fuzz_settings, reference_decisions, requests, summary
@@ -31,6 +31,7 @@ def test_decision_is_what_the_provider_acts_on(sent: Sent) -> None:
     req = Request(method="POST", scheme="https", host=sent.host, port=443, path=sent.target,
                   tag_values=sent.tags, body=sent.body)
     decision = bundle.decide(req)  # never raises: an error would be a 500
+    event(f"{sent.kind}: {decision.code}")
     if decision.verdict == "block":
         assert decision.status in (400, 421, 451), decision
         if decision.code == "bad_path":
