@@ -175,3 +175,25 @@ def test_raw_tcp_to_llm_host_is_killed(gate, server, sni, killed):
     f.client_conn.sni = sni
     Interception(gate).tcp_start(f)
     assert (f.error is not None and "killed" in f.error.msg.lower()) is killed
+
+
+def test_ech_configs_stripped_where_the_proxy_answers_dns():
+    """wireguard / local modes: mitmproxy answers the clients' DNS; the gate keeps
+    mitmproxy's strip_ech, so clients never learn an ECH config there."""
+    from mitmproxy import dns
+    from mitmproxy.net.dns.https_records import HTTPSRecord, SVCParamKeys
+    from mitmproxy.proxy.layers.dns import DnsResponseHook
+
+    from residency_gate.ops.embed import gate_master
+
+    async def run():
+        master = gate_master()
+        assert master.options.strip_ech is True
+        f = tflow.tdnsflow(resp=True)
+        record = HTTPSRecord(1, "api.openai.com", {SVCParamKeys.ECH.value: b"\x00\x04ech!"})
+        f.response.answers = [dns.ResourceRecord.HTTPS("api.openai.com", record)]
+        assert f.response.answers[0].https_ech is not None
+        await master.addons.handle_lifecycle(DnsResponseHook(f))
+        return f.response.answers[0].https_ech
+
+    assert asyncio.run(run()) is None
