@@ -16,8 +16,13 @@ import re
 # RFC 3986: unreserved characters, decoded wherever they are percent-encoded.
 UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCHAR = r"A-Za-z0-9\-._~!$&'()*+,=:@"  # pchar without ';' (path parameters) and '%'
-# Already normal: non-empty segments of plain pchars, none of them `.` or `..`.
-_NORMAL = re.compile(rf"(?:/(?!\.\.?(?:/|\Z))[{_PCHAR}]+)*/?")
+# Escapes that stay as sent: not unreserved (those are decoded), not a control character,
+# '/', '\\' or '%' (those need a closer look).
+_KEPT = r"%(?:2[0-46-9A-Ca-c]|3[A-Fa-f]|40|5[BbDdEe]|60|7[B-Db-d]|[89A-Fa-f][0-9A-Fa-f])"
+# Already normal: non-empty segments of plain pchars (and kept escapes), none `.` or `..`.
+# (Possessive quantifiers: a path that is not normal fails at once, without backtracking.)
+_NORMAL = re.compile(rf"(?:/(?!\.\.?(?:/|\Z))[{_PCHAR}]++)*+/?")
+_NORMAL_ESCAPED = re.compile(rf"(?:/(?!\.\.?(?:/|\Z))(?:[{_PCHAR}]++|{_KEPT})++)*+/?")
 _NOT_PATH = re.compile(rf"[^{_PCHAR}%/]")
 _ESCAPE = re.compile(r"%(..?)?", re.DOTALL)
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -54,7 +59,7 @@ def normalise_path(path: str) -> str:
     """The path in normal form (the same object when it already is); raise UnsafePath."""
     if not path.startswith("/"):
         raise UnsafePath(f"no leading '/' ({path[:40]!r})")
-    if _NORMAL.fullmatch(path):
+    if (_NORMAL_ESCAPED if "%" in path else _NORMAL).fullmatch(path):
         return path
     bad = _NOT_PATH.search(path)
     if bad:
