@@ -220,3 +220,31 @@ def test_json_depth_is_configurable(tmp_path):
     body = b'{"model":"claude","inference_geo":"us","x":[[[1]]]}'
     d = decide_url(shallow, "https://api.anthropic.com/v1/messages", tags=["us"], raw_body=body)
     assert d.code == "bad_body" and "deeper than 3 levels (limits.json_depth)" in d.reason
+
+
+def test_fast_path_agrees_with_the_full_normalisation(monkeypatch):
+    """Normal paths skip the segment walk; the shortcut must never pass a path the walk
+    would change or refuse."""
+    from residency_gate.core import normalise as n
+
+    def outcome(path: str):
+        try:
+            return n.normalise_path(path), n.normalise_target(path + "?q=%2e/..")
+        except UnsafePath as e:
+            return "refused: " + e.what
+
+    pieces = [f"%{i:02X}" for i in range(256)] + [f"%{i:02x}" for i in range(256)] + [
+        "%", "%g0", "%0", ".", "..", "", ";", "\\", "a"]
+    paths = [p for e in pieces for e2 in ("", "%41", "%2F", "%25", "%3A", ".", "/", "//")
+             for p in (f"/a{e}b/c", f"/{e}", f"/a/{e}{e2}", f"/{e}/..", f"/{e2}{e}/x",
+                       f"/{e}/{e2}")]
+    quick = [outcome(p) for p in paths]
+
+    class Never:
+        @staticmethod
+        def fullmatch(_path: str) -> None:
+            return None
+
+    for shortcut in ("_NORMAL", "_NORMAL_ESCAPED", "_TARGET_NORMAL", "_TARGET_NORMAL_ESCAPED"):
+        monkeypatch.setattr(n, shortcut, Never)
+    assert [outcome(p) for p in paths] == quick

@@ -23,6 +23,11 @@ _KEPT = r"%(?:2[0-46-9A-Ca-c]|3[A-Fa-f]|40|5[BbDdEe]|60|7[B-Db-d]|[89A-Fa-f][0-9
 # (Possessive quantifiers: a path that is not normal fails at once, without backtracking.)
 _NORMAL = re.compile(rf"(?:/(?!\.\.?(?:/|\Z))[{_PCHAR}]++)*+/?")
 _NORMAL_ESCAPED = re.compile(rf"(?:/(?!\.\.?(?:/|\Z))(?:[{_PCHAR}]++|{_KEPT})++)*+/?")
+# The same for a whole request target (path and any query): one call on the hot path.
+_TARGET = rf"(?=/)(?:/(?!\.\.?(?:[/?]|\Z))[{_PCHAR}]++)*+/?+(?:\?.*)?"
+_TARGET_NORMAL = re.compile(_TARGET, re.DOTALL)
+_TARGET_NORMAL_ESCAPED = re.compile(_TARGET.replace(f"[{_PCHAR}]++", f"(?:[{_PCHAR}]++|{_KEPT})++"),
+                                    re.DOTALL)
 _NOT_PATH = re.compile(rf"[^{_PCHAR}%/]")
 _ESCAPE = re.compile(r"%(..?)?", re.DOTALL)
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -47,7 +52,10 @@ def split_target(target: str) -> tuple[str, str | None]:
 
 
 def normalise_target(target: str) -> str:
-    """The request target (path and query) with its path normalised; raise UnsafePath."""
+    """The request target (path and query) with its path normalised (the same object when
+    it already is); raise UnsafePath."""
+    if (_TARGET_NORMAL_ESCAPED if "%" in target else _TARGET_NORMAL).fullmatch(target):
+        return target
     path, query = split_target(target)
     normal = normalise_path(path)
     if normal is path:

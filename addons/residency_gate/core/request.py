@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from .strict_json import JSON_DEPTH, BodyError, members, parse, plain
 
-__all__ = ["AzureResource", "BodyError", "Request", "RequestView"]
+__all__ = ["AzureResource", "BodyError", "Request", "RequestView", "url_of"]
 
 _MISSING = object()
 
@@ -40,10 +40,14 @@ class Request:
 
     @property
     def url(self) -> str:
-        """scheme://host[:port]/path, without the query string (records never hold it)."""
-        default = 443 if self.scheme == "https" else 80
-        port = "" if self.port in (default, 0) else f":{self.port}"
-        return f"{self.scheme}://{self.host}{port}{self.path.split('?', 1)[0]}"
+        return url_of(self.scheme, self.host, self.port, self.path)
+
+
+def url_of(scheme: str, host: str, port: int, target: str) -> str:
+    """scheme://host[:port]/path, without the query string (records never hold it)."""
+    default = 443 if scheme == "https" else 80
+    shown = "" if port in (default, 0) else f":{port}"
+    return f"{scheme}://{host}{shown}{target.partition('?')[0]}"
 
 
 @dataclass(frozen=True)
@@ -89,13 +93,14 @@ class RequestView:
         """The value at a dotted path; every object on the way must name each key once."""
         value = self.json()
         for depth, part in enumerate(dotted):
-            if type(value) is tuple:
+            if type(value) is tuple:  # an object below the top level
                 value = members(value, f"in {'.'.join(dotted[:depth])!r}")
             if not isinstance(value, dict):
                 value = None
                 break
             value = value.get(part)
-        value = plain(value)
+        if type(value) is tuple:
+            value = plain(value)
         self.reads["body:" + ".".join(dotted)] = _scalar(value)
         return value
 

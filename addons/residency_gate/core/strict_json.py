@@ -66,7 +66,8 @@ def parse(body: bytes, max_depth: int = JSON_DEPTH) -> Any:
     except ValueError as e:
         raise BodyError(f"request body is not valid JSON ({e})") from None
     # A body with no more brackets than the limit cannot nest deeper than it.
-    if body.count(b"[") + body.count(b"{") > max_depth and deeper_than(tree, max_depth):
+    if len(body) > max_depth and body.count(b"[") + body.count(b"{") > max_depth \
+            and deeper_than(tree, max_depth):
         raise too_deep(max_depth)
     return members(tree, "at the top level") if type(tree) is tuple else tree
 
