@@ -131,17 +131,11 @@ def decide(catalog: Catalog, policy: Policy, req: Request) -> Decision:
                         trace=tuple(trace), **base)
     trace.extend(f"requirement from {p.detail}: {'+'.join(p.names)}" for p in requirement.parts)
     try:
-        target = normalise_target(req.path)  # the same object when already normal
-        if target is not req.path and req.signed:
-            raise UnsafePath(f"a form that is not normal, and a SigV4-signed request cannot be "
-                             f"rewritten (its normal form is {split_target(target)[0]!r})")
+        target = normalise_target(req.path, req.signed)  # the same object when already normal
     except UnsafePath as e:
-        trace.append(f"path: {e.what}")
-        if requirement.places is None:
-            return Decision(ReasonCode.NO_REQUIREMENT, wording.no_requirement_path(e),
-                            requirement=requirement, trace=tuple(trace), **base)
-        return Decision(ReasonCode.BAD_PATH, wording.bad_path(requirement, host, e),
-                        requirement=requirement, trace=tuple(trace), **base)
+        return unreadable(ReasonCode.BAD_PATH, f"path: {e.what}",
+                          wording.bad_path(requirement, host, e), wording.no_requirement_path(e),
+                          requirement, trace, base)
     if target is not req.path:
         trace.append(f"path normalised: {split_target(req.path)[0]} -> "
                      f"{split_target(target)[0]}")
@@ -156,16 +150,23 @@ def decide(catalog: Catalog, policy: Policy, req: Request) -> Decision:
         model = first_match(endpoint.model, view)
         location = endpoint.locator.locate(view, model)
     except BodyError as e:
-        trace.append(f"body: {e}")
-        if requirement.places is None:
-            return Decision(ReasonCode.NO_REQUIREMENT, wording.no_requirement_unreadable(e),
-                            requirement=requirement, trace=tuple(trace), **base)
-        return Decision(ReasonCode.BAD_BODY, wording.bad_body(requirement, host, e),
-                        requirement=requirement, trace=tuple(trace), **base)
+        return unreadable(ReasonCode.BAD_BODY, f"body: {e}", wording.bad_body(requirement, host, e),
+                          wording.no_requirement_unreadable(e), requirement, trace, base)
     if model:
         trace.append(f"model: {model}")
     trace.append(f"located by {location.detail}")
     return judge(catalog, policy, req, view, endpoint, requirement, location, model, base, trace)
+
+
+def unreadable(code: ReasonCode, step: str, refused: str, forwarded: str,
+               requirement: Requirement, trace: list[str], base: dict) -> Decision:
+    """What the decision must read has no single reading (path or body): refused when a
+    requirement applies; otherwise forwarded as sent and recorded with no place."""
+    trace.append(step)
+    if requirement.places is None:
+        return Decision(ReasonCode.NO_REQUIREMENT, forwarded, requirement=requirement,
+                        trace=tuple(trace), **base)
+    return Decision(code, refused, requirement=requirement, trace=tuple(trace), **base)
 
 
 def judge(catalog: Catalog, policy: Policy, req: Request, view: RequestView,

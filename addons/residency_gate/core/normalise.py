@@ -51,15 +51,19 @@ def split_target(target: str) -> tuple[str, str | None]:
     return path, (query if sep else None)
 
 
-def normalise_target(target: str) -> str:
+def normalise_target(target: str, signed: bool = False) -> str:
     """The request target (path and query) with its path normalised (the same object when
-    it already is); raise UnsafePath."""
+    it already is); raise UnsafePath. A signed target (SigV4) must already be normal: its
+    signature covers the path, so it cannot be rewritten."""
     if (_TARGET_NORMAL_ESCAPED if "%" in target else _TARGET_NORMAL).fullmatch(target):
         return target
     path, query = split_target(target)
     normal = normalise_path(path)
     if normal is path:
         return target
+    if signed:
+        raise UnsafePath(f"a form that is not normal, and a SigV4-signed request cannot be "
+                         f"rewritten (its normal form is {normal!r})")
     return normal if query is None else f"{normal}?{query}"
 
 
