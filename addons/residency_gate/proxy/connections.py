@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -32,7 +30,6 @@ log = logging.getLogger("residency_gate")
 NAMED_TARGET_MODES = (mode_specs.RegularMode, mode_specs.UpstreamMode, mode_specs.Socks5Mode)
 # encrypted_client_hello (RFC 9849 draft-ietf-tls-esni) and the older encrypted_server_name
 HIDDEN_NAME_EXTENSIONS = frozenset({0xFE0D, 0xFFCE})
-REFRESH_SECONDS = 600.0  # how often the addresses of the catalog's fixed hosts are looked up
 
 
 def hides_name(client_hello: tls.ClientHello) -> bool:
@@ -42,8 +39,9 @@ def hides_name(client_hello: tls.ClientHello) -> bool:
 
 
 class KnownAddresses:
-    """Addresses known to serve a catalog host: `resolve` targets, DNS answers the proxy
-    got for catalog names, peers of its own LLM connections. Bounded; entries expire."""
+    """Addresses known to serve a catalog host: DNS answers the proxy got for catalog names
+    (transparent mode checks every intercepted name in DNS) and peers of its own LLM
+    connections (`resolve` targets are read from the config). Bounded; entries expire."""
 
     def __init__(self, limit: int = 4096, ttl: float = 3600.0) -> None:
         self.limit = limit
@@ -71,7 +69,6 @@ class Interception:
         self.llm_addresses = KnownAddresses()
         self.refused: set[str] = set()  # client connections `ip_literals: refuse` refuses
         self._resolve_targets: tuple[object, frozenset[str]] = (None, frozenset())
-        self._refresher: asyncio.Task | None = None
 
     @property
     def gate(self):
@@ -114,7 +111,6 @@ class Interception:
             # An address chosen by the client names no host: what is inside decides.
             return {"inspect": "intercept", "refuse": "refuse"}.get(bundle.config.ip_literals,
                                                                      "tunnel")
-        self._start_refresher()
         if hides_name(data.client_hello) and self.serves_llm(target, bundle):
             log.info("TLS to %s hides its server name (ECH) and that address serves an LLM "
                      "API: intercepted, ECH not honoured", target)
@@ -139,35 +135,6 @@ class Interception:
                 self.llm_addresses.learn((data.server.peername[0],))
         except Exception:
             log.exception("cannot note an LLM address")
-
-    def _start_refresher(self) -> None:
-        """Transparent-like modes: learn where the catalog's fixed hosts are, from the
-        first connection on (ECH to those addresses is intercepted)."""
-        if self._refresher is None or self._refresher.done():
-            with contextlib.suppress(RuntimeError):  # no event loop: nothing to run it on
-                self._refresher = asyncio.get_running_loop().create_task(self._refresh())
-
-    async def _refresh(self) -> None:
-        """Look up the catalog's fixed host names now and then, one at a time (the lookups
-        share the default executor with large-body classification)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                names = sorted({h for e in self.gate.bundle.catalog.endpoints for h in e.hosts
-                                if "{" not in h})
-            except Exception:
-                log.exception("cannot list the catalog's host names")
-                names = []
-            for name in names:
-                with contextlib.suppress(OSError, TimeoutError):
-                    async with asyncio.timeout(5):
-                        infos = await loop.getaddrinfo(name, 443)
-                    self.llm_addresses.learn(info[4][0] for info in infos)
-            await asyncio.sleep(REFRESH_SECONDS)
-
-    def done(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """Non-HTTP bytes inside an intercepted LLM tunnel (or a refused IP-literal one)
