@@ -65,11 +65,27 @@ def parse(body: bytes, max_depth: int = JSON_DEPTH) -> Any:
         raise
     except ValueError as e:
         raise BodyError(f"request body is not valid JSON ({e})") from None
-    # A body with no more brackets than the limit cannot nest deeper than it.
-    if len(body) > max_depth and body.count(b"[") + body.count(b"{") > max_depth \
-            and deeper_than(tree, max_depth):
+    if more_openers_than(body, max_depth) and deeper_than(tree, max_depth):
         raise too_deep(max_depth)
     return members(tree, "at the top level") if type(tree) is tuple else tree
+
+
+def more_openers_than(body: bytes, limit: int) -> bool:
+    """More than `limit` '[' and '{' in `body`? (With no more, it cannot nest deeper.)
+    Small bodies are counted; large ones searched (memchr) until limit + 1 are found."""
+    if len(body) <= limit:
+        return False
+    if len(body) < 1 << 16:
+        return body.count(b"[") + body.count(b"{") > limit
+    seen = 0
+    for opener in (b"[", b"{"):
+        at = body.find(opener)
+        while at >= 0:
+            seen += 1
+            if seen > limit:
+                return True
+            at = body.find(opener, at + 1)
+    return False
 
 
 def members(obj: tuple, where: str) -> dict[str, Any]:
