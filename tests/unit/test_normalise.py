@@ -248,3 +248,13 @@ def test_fast_path_agrees_with_the_full_normalisation(monkeypatch):
     for shortcut in ("_NORMAL", "_NORMAL_ESCAPED", "_TARGET_NORMAL", "_TARGET_NORMAL_ESCAPED"):
         monkeypatch.setattr(n, shortcut, Never)
     assert [outcome(p) for p in paths] == quick
+
+
+@pytest.mark.parametrize("size", [100, 70_000])  # counted, or searched past the limit
+def test_depth_limit_on_small_and_large_bodies(size):
+    pad = "p" * size
+    shallow = json.dumps({"model": "a", "pad": pad, "s": "[{" * 400, "x": [[[[1]]]]}).encode()
+    assert parse(shallow, max_depth=5)["model"] == "a"
+    deep = json.dumps({"model": "a", "pad": pad, "x": [[[[[[1]]]]]]}).encode()
+    with pytest.raises(BodyError, match="deeper than 5 levels"):
+        parse(deep, max_depth=5)
