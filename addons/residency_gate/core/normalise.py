@@ -33,10 +33,6 @@ _ESCAPE = re.compile(r"%(..?)?", re.DOTALL)
 _HEX = frozenset("0123456789abcdefABCDEF")
 _ENCODED_SLASH = re.compile(r"%2[fF]")
 
-FIX = ("Send the path in normal form: no '.' or '..' segments, no empty segments, no ';' "
-       "parameters, no encoded '/', '\\' or control characters, valid %XX escapes.")
-
-
 class UnsafePath(ValueError):
     """A path no single normal form can be given to: refused when a requirement applies."""
 

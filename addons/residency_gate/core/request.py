@@ -109,7 +109,7 @@ class RequestView:
                  if key == name]
         if len(found) > 1:
             raise BodyError(f"query parameter {name!r} appears {len(found)} times (servers "
-                            "disagree on which one counts)", f"Send {name!r} once.")
+                            "disagree on which one counts)", "query")
         self.reads["query:" + name] = found[0] if found else None
         return found[0] if found else None
 

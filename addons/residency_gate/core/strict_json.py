@@ -25,16 +25,15 @@ JSON_DEPTH = 512
 
 class BodyError(ValueError):
     """What the decision needs to read (the body, a query parameter) cannot be read
-    unambiguously; `fix` says what to send instead."""
+    unambiguously; `kind` names the problem (`wording.FIX_BODY` says what to send)."""
 
-    def __init__(self, what: str, fix: str = "Send a valid JSON body.") -> None:
+    def __init__(self, what: str, kind: str = "json") -> None:
         super().__init__(what)
-        self.fix = fix
+        self.kind = kind  # json | utf8 | bom | constant | depth | repeated | query
 
 
 def _constant(name: str) -> Any:
-    raise BodyError(f"request body contains {name}, which is not JSON (RFC 8259)",
-                    "Send numbers as finite JSON numbers.")
+    raise BodyError(f"request body contains {name}, which is not JSON (RFC 8259)", "constant")
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_constant)
@@ -42,7 +41,7 @@ _DECODER = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_constant)
 
 def too_deep(limit: int) -> BodyError:
     return BodyError(f"request body nests JSON deeper than {limit} levels (limits.json_depth)",
-                     "Send a less deeply nested JSON body.")
+                     "depth")
 
 
 def parse(body: bytes, max_depth: int = JSON_DEPTH) -> Any:
@@ -53,10 +52,9 @@ def parse(body: bytes, max_depth: int = JSON_DEPTH) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BodyError(f"request body is not UTF-8 (invalid byte at offset {e.start})",
-                        "Send the JSON body encoded as UTF-8.") from None
+                        "utf8") from None
     if text.startswith("\ufeff"):
-        raise BodyError("request body starts with a byte order mark (U+FEFF)",
-                        "Send the JSON body without a byte order mark.")
+        raise BodyError("request body starts with a byte order mark (U+FEFF)", "bom")
     try:
         tree = _DECODER.decode(text)
     except RecursionError:  # the C parser's own bound, near 1500 levels
@@ -98,7 +96,7 @@ def members(obj: tuple, where: str) -> dict[str, Any]:
             (repeated if key in seen else seen).add(key)
         names = ", ".join(repr(k) for k in sorted(repeated)[:5])
         raise BodyError(f"request body repeats the key {names} {where} (JSON parsers disagree "
-                        "on which one counts)", "Send each key once.")
+                        "on which one counts)", "repeated")
     return out
 
 

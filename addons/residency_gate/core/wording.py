@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .normalise import FIX as FIX_PATH
 from .places import RegionTree
 
 if TYPE_CHECKING:
@@ -17,6 +16,17 @@ if TYPE_CHECKING:
     from .reroute import Route
 
 NOTHING_FORWARDED = "Nothing was forwarded."
+FIX_PATH = ("Send the path in normal form: no '.' or '..' segments, no empty segments, no ';' "
+            "parameters, no encoded '/', '\\' or control characters, valid %XX escapes.")
+FIX_BODY = {  # BodyError.kind -> what to send instead
+    "json": "Send a valid JSON body.",
+    "utf8": "Send the JSON body encoded as UTF-8.",
+    "bom": "Send the JSON body without a byte order mark.",
+    "constant": "Send numbers as finite JSON numbers.",
+    "depth": "Send a less deeply nested JSON body.",
+    "repeated": "Send each key once.",
+    "query": "Send each query parameter the decision reads once.",
+}
 
 
 def not_llm(host: str) -> str:
@@ -37,8 +47,8 @@ def no_requirement_unreadable(error: Exception) -> str:
 
 def bad_body(requirement: Requirement, host: str, error: BodyError) -> str:
     return (f"Refused: a residency requirement (from {requirement.describe()}) applies and the "
-            f"request to {host} cannot be classified because its {error}. {error.fix} "
-            f"{NOTHING_FORWARDED}")
+            f"request to {host} cannot be classified because its {error}. "
+            f"{FIX_BODY.get(error.kind, FIX_BODY['json'])} {NOTHING_FORWARDED}")
 
 
 def no_requirement_path(error: UnsafePath) -> str:
