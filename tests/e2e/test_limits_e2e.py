@@ -341,7 +341,8 @@ def test_deeply_nested_json_is_a_400_that_says_why(gate: Proxy, fake: FakeProvid
     finally:
         c.close()
     assert resp.status == 400 and resp.getheader("X-Residency-Reason") == "bad_body"
-    assert "nests JSON too deeply" in answer["error"]["message"]
+    assert "nests JSON deeper than" in answer["error"]["message"]
+    assert "limits.json_depth" in answer["error"]["message"]
     assert "Traceback" not in gate.log_text()
     assert_nothing_received(fake)
 

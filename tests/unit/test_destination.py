@@ -7,6 +7,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow
 
 from helpers import policy_from
@@ -69,25 +70,84 @@ def test_destination(gate, target, host_header, sni, expected):
         assert asyncio.run(run()) == expected
 
 
-@pytest.mark.parametrize(
-    ("connect_target", "sni", "intercepted"),
-    [
-        ("api.openai.com", "api.openai.com", True),
-        ("bedrock-runtime.eu-central-1.amazonaws.com", None, True),
-        ("example.org", "example.org", False),  # plain tunnel, its TLS untouched
-        ("example.org", "api.openai.com", True),  # SNI names an LLM host: look inside
-        ("203.0.113.7", "generativelanguage.googleapis.com", True),  # transparent mode
-        ("203.0.113.7", None, False),
-    ],
-)
-def test_selective_interception(gate, connect_target, sni, intercepted):
-    data = SimpleNamespace(
-        context=SimpleNamespace(server=SimpleNamespace(address=(connect_target, 443))),
-        client_hello=SimpleNamespace(sni=sni),
+ECH = [(0xFE0D, b"\x00\x00\x01\x00\x01\x2a")]  # an encrypted_client_hello extension
+REGULAR, TRANSPARENT, SOCKS = (ProxyMode.parse(m) for m in ("regular", "transparent", "socks5"))
+
+
+def hello(target: str, sni: str | None, mode=REGULAR, extensions=()):
+    return SimpleNamespace(
+        context=SimpleNamespace(server=SimpleNamespace(address=(target, 443)),
+                                client=SimpleNamespace(proxy_mode=mode, id="c1")),
+        client_hello=SimpleNamespace(sni=sni, extensions=list(extensions)),
         ignore_connection=False,
     )
+
+
+@pytest.mark.parametrize(
+    ("connect_target", "sni", "mode", "extensions", "intercepted"),
+    [
+        ("api.openai.com", "api.openai.com", REGULAR, (), True),
+        ("bedrock-runtime.eu-central-1.amazonaws.com", None, REGULAR, (), True),
+        ("example.org", "example.org", REGULAR, (), False),  # plain tunnel, its TLS untouched
+        ("example.org", "api.openai.com", REGULAR, (), True),  # SNI names an LLM host
+        ("example.org", "cover.example.net", REGULAR, ECH, False),  # a name: connect to it
+        ("203.0.113.7", "generativelanguage.googleapis.com", TRANSPARENT, (), True),
+        ("203.0.113.7", None, TRANSPARENT, (), False),
+        ("203.0.113.7", "example.org", TRANSPARENT, ECH, False),  # address serves no LLM
+        ("127.0.0.5", "public.example.net", TRANSPARENT, ECH, True),  # ECH to an LLM address
+        ("127.0.0.5", "example.org", TRANSPARENT, (), False),  # no ECH: the SNI decides
+        # ip_literals: inspect (default): an address the client chose names no host
+        ("203.0.113.7", None, REGULAR, (), True),
+        ("203.0.113.7", "example.org", REGULAR, (), True),
+        ("2001:db8::7", None, SOCKS, (), True),
+    ],
+)
+def test_selective_interception(gate, connect_target, sni, mode, extensions, intercepted):
+    data = hello(connect_target, sni, mode, extensions)
     Interception(gate).tls_clienthello(data)
     assert data.ignore_connection is (not intercepted)
+
+
+@pytest.mark.parametrize(("setting", "intercepted", "refused"), [
+    ("inspect", True, False), ("refuse", True, True), ("tunnel", False, False)])
+def test_ip_literals_setting(tmp_path, setting, intercepted, refused):
+    gate = ResidencyGate(Gate(bundle=policy_from(tmp_path, {"ip_literals": setting}),
+                              audit=None))
+    interception = gate.interception
+    data = hello("203.0.113.7", None)
+    interception.tls_clienthello(data)
+    assert data.ignore_connection is (not intercepted)
+    assert ("c1" in interception.refused) is refused
+    named = hello("api.openai.com", None)  # a catalog name is intercepted whatever the setting
+    interception.tls_clienthello(named)
+    assert named.ignore_connection is False
+    transparent = hello("203.0.113.7", None, TRANSPARENT)  # not a CONNECT target: unaffected
+    interception.tls_clienthello(transparent)
+    assert transparent.ignore_connection is True
+
+
+def test_ech_addresses_are_learned_and_expire(gate):
+    interception = Interception(gate)
+    data = hello("198.51.100.9", "public.example.net", TRANSPARENT, ECH)
+    interception.tls_clienthello(data)
+    assert data.ignore_connection is True
+    interception.llm_addresses.learn(["198.51.100.9"])  # e.g. api.openai.com resolved there
+    data = hello("198.51.100.9", "public.example.net", TRANSPARENT, ECH)
+    interception.tls_clienthello(data)
+    assert data.ignore_connection is False
+    interception.llm_addresses.ttl = -1.0
+    interception.llm_addresses.learn(["198.51.100.10"])
+    assert "198.51.100.10" not in interception.llm_addresses
+
+
+def test_refused_ip_literal_requests_get_421(tmp_path):
+    gate = ResidencyGate(Gate(bundle=policy_from(tmp_path, {"ip_literals": "refuse"}),
+                              audit=None))
+    f = flow("203.0.113.7", "plain.example.org", None)
+    gate.interception.refused.add(f.client_conn.id)
+    refused = asyncio.run(gate._destination(f, gate.gate.bundle))
+    assert isinstance(refused, Decision) and refused.status == 421
+    assert "ip_literals: refuse" in refused.reason
 
 
 def test_tag_header_kept_only_when_signed(gate):
@@ -115,3 +175,25 @@ def test_raw_tcp_to_llm_host_is_killed(gate, server, sni, killed):
     f.client_conn.sni = sni
     Interception(gate).tcp_start(f)
     assert (f.error is not None and "killed" in f.error.msg.lower()) is killed
+
+
+def test_ech_configs_stripped_where_the_proxy_answers_dns():
+    """wireguard / local modes: mitmproxy answers the clients' DNS; the gate keeps
+    mitmproxy's strip_ech, so clients never learn an ECH config there."""
+    from mitmproxy import dns
+    from mitmproxy.net.dns.https_records import HTTPSRecord, SVCParamKeys
+    from mitmproxy.proxy.layers.dns import DnsResponseHook
+
+    from residency_gate.ops.embed import gate_master
+
+    async def run():
+        master = gate_master()
+        assert master.options.strip_ech is True
+        f = tflow.tdnsflow(resp=True)
+        record = HTTPSRecord(1, "api.openai.com", {SVCParamKeys.ECH.value: b"\x00\x04ech!"})
+        f.response.answers = [dns.ResourceRecord.HTTPS("api.openai.com", record)]
+        assert f.response.answers[0].https_ech is not None
+        await master.addons.handle_lifecycle(DnsResponseHook(f))
+        return f.response.answers[0].https_ech
+
+    assert asyncio.run(run()) is None

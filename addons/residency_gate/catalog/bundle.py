@@ -117,7 +117,8 @@ def build_policy(config: Config, catalog: Catalog) -> Policy:
         on_violation=config.on_violation, azure=azure, azure_keys=azure_keys,
         reroute_keys=dict(config.reroute_credentials),
         private=tuple(private),
-        env_present=frozenset(k for k in key_envs if os.environ.get(k)))
+        env_present=frozenset(k for k in key_envs if os.environ.get(k)),
+        json_depth=config.limits.json_depth)
     ctx = OptionContext(regions, azure)
     for endpoint in catalog.endpoints:
         policy.options[endpoint.key] = endpoint.locator.options(endpoint, ctx)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..core.strict_json import JSON_DEPTH
 from .schema import schema_problems
 from .source import InvalidSource, Problem, SourceDoc, load_yaml
 
@@ -32,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "catalog_max_age": 180,
     "upstream_ca": None,
     "resolve": {},
+    "ip_literals": "inspect",
     "residency": {"header": "X-Data-Residency", "zones": {}, "default": None, "clients": [],
                   "on_violation": "block"},
     "block_page": {"contact": None, "instead": None},
@@ -51,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "max_header_bytes": 64 << 10, "max_header_count": 100,
         "upstream_connect_seconds": 10.0, "upstream_tls_seconds": 10.0,
         "upstream_first_byte_seconds": 600.0, "upstream_idle_seconds": 300.0,
-        "tunnel_idle_seconds": 600.0,
+        "tunnel_idle_seconds": 600.0, "json_depth": JSON_DEPTH,
     },
     "log": {"format": "text", "level": "info"},
     # who may use the proxy, and where CONNECT may go (docs/deploy.md, "Who may use the proxy")
@@ -132,6 +134,7 @@ class Limits:
     upstream_first_byte_seconds: float  # request forwarded -> response head complete
     upstream_idle_seconds: float  # between two reads of a response (SSE keeps it alive)
     tunnel_idle_seconds: float  # any connection with no traffic at all (mitmproxy tcp_timeout)
+    json_depth: int  # JSON bodies nested deeper cannot be classified (400)
 
     RATIO_FLOOR = 1 << 20  # small bodies compress well legitimately: ratio checked above this
 
@@ -181,6 +184,7 @@ class Config:
     catalog: tuple[Path, ...]
     upstream_ca: Path | None
     resolve: dict[str, tuple[str, int]]
+    ip_literals: str  # inspect | refuse | tunnel: TLS to an IP-literal CONNECT target
     header: str
     zones: dict[str, tuple[str, ...]]
     default: tuple[str, ...]
@@ -287,6 +291,7 @@ def load_config(path: Path | None) -> Config:
         upstream_ca=rel(d["upstream_ca"]),
         resolve={h.lower().rstrip("."): hostport("resolve", t)
                  for h, t in (d["resolve"] or {}).items()},
+        ip_literals=d["ip_literals"],
         header=residency["header"],
         zones=zones,
         default=names_list(residency["default"]),

@@ -60,30 +60,36 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def request_from_args(args: argparse.Namespace):
-    """Turn `explain` arguments into the Request the proxy would build."""
+    """Turn `explain` arguments into the Request the proxy would build: the path exactly as
+    given (the decision normalises it, as the proxy's does), the body's bytes untouched
+    unless --model adds a missing `model`."""
     from ..core.request import Request
+    from ..core.strict_json import BodyError, parse
 
     url = args.url if "://" in args.url else f"https://{args.url}"
     parts = urlsplit(url)
     if not parts.hostname or not re.fullmatch(r"[a-z0-9.\-\[\]:]+", parts.hostname):
         raise ValueError(f"not a URL: {args.url!r}")
+    after_authority = url.split("://", 1)[1].partition("#")[0]
+    slash, query = after_authority.find("/"), after_authority.find("?")
+    start = slash if slash >= 0 and (query < 0 or slash < query) else -1
+    path = after_authority[start:] if start >= 0 else "/" + (
+        after_authority[query:] if query >= 0 else "")
     body: bytes | None = None
     if args.body is not None:
         raw = Path(args.body[1:]).read_bytes() if args.body.startswith("@") else args.body.encode()
         body = raw
         if args.model:
             try:
-                data = json.loads(raw)
-            except ValueError as e:
-                raise ValueError(f"--body is not valid JSON: {e}") from None
-            if isinstance(data, dict):
-                data.setdefault("model", args.model)
+                ok = isinstance(parse(raw), dict)  # an object; else decide reports the body
+            except BodyError:
+                ok = False
+            data = json.loads(raw) if ok else None
+            if isinstance(data, dict) and "model" not in data:
+                data["model"] = args.model
                 body = json.dumps(data).encode()
     elif args.model:
         body = json.dumps({"model": args.model}).encode()
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
     return Request(
         method=args.method.upper(),
         scheme=parts.scheme,

@@ -101,6 +101,13 @@ def destination(catalog: Catalog, dest: Destination,
     return target
 
 
+def ip_literal_refused(catalog: Catalog, dest: Destination) -> Decision:
+    """`ip_literals: refuse`: TLS to an address the client chose names no host."""
+    llm = sorted(n for n in dest.names if catalog.is_llm(n))
+    return refuse(ReasonCode.MISDIRECTED, wording.ip_literal_refused(dest.target),
+                  host=dest.target, url=dest.url, api=catalog.api_of(llm[0] if llm else ""))
+
+
 def declared_size(content_length: str | None, limit: int, host: str, url: str,
                   catalog: Catalog) -> Decision | None:
     """Refuse a body declared over the limit before it is read (it would otherwise have

@@ -27,8 +27,9 @@ from .apis import FALLBACK, Api
 from .endpoints import Catalog, Endpoint, normalise_host
 from .extract import first_match
 from .locate import Location, Option
+from .normalise import UnsafePath, normalise_target, split_target
 from .policy import Policy
-from .request import BodyError, Request, RequestView
+from .request import BodyError, Request, RequestView, url_of
 from .requirement import Requirement, UnknownTag
 from .reroute import Route, plan_reroute
 
@@ -67,6 +68,7 @@ class ReasonCode(StrEnum):
     # refused: the request cannot be decided as sent
     UNKNOWN_TAG = "unknown_tag", BLOCK, 400
     BAD_BODY = "bad_body", BLOCK, 400
+    BAD_PATH = "bad_path", BLOCK, 400
     BAD_REQUEST = "bad_request", BLOCK, 400
     BODY_TOO_LARGE = "body_too_large", BLOCK, 413
     MISDIRECTED = "misdirected", BLOCK, 421
@@ -86,7 +88,7 @@ _REPORTABLE = frozenset({ReasonCode.EMPTY_REQUIREMENT, ReasonCode.UNKNOWN_PLACE,
 REPORT = "report"  # X-Residency-Decision of a forwarded violation in report mode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one is built per request, ~30% faster
 class Decision:
     code: ReasonCode
     reason: str  # the sentence a developer reads
@@ -103,6 +105,7 @@ class Decision:
     trace: tuple[str, ...] = ()  # the evaluation's steps, as `explain` shows them
     reads: Mapping[str, Any] = field(default_factory=dict)  # body/query values read
     enforced: bool = True  # False: a violation in report mode, forwarded unchanged
+    target: str | None = None  # path?query to forward when it differs from what was sent
 
     @property
     def verdict(self) -> str:
@@ -137,9 +140,10 @@ def refuse(code: ReasonCode, reason: str, *, host: str, url: str, api: Api = FAL
 
 
 def decide(catalog: Catalog, policy: Policy, req: Request) -> Decision:
-    """Classify the destination, resolve the requirement, locate, compare."""
+    """Classify the destination, resolve the requirement, normalise the path, locate,
+    compare."""
     host = normalise_host(req.host)
-    url = Request(req.method, req.scheme, host, req.port, req.path).url
+    url = url_of(req.scheme, host, req.port, req.path)
     matched = catalog.match(host)
     if matched is None:
         return Decision(ReasonCode.NOT_LLM, wording.not_llm(host), host, url,
@@ -154,24 +158,43 @@ def decide(catalog: Catalog, policy: Policy, req: Request) -> Decision:
         return Decision(ReasonCode.UNKNOWN_TAG, wording.unknown_tag(e.tag, policy, host),
                         trace=tuple(trace), **base)
     trace.extend(f"requirement from {p.detail}: {'+'.join(p.names)}" for p in requirement.parts)
-    path, _, query = req.path.partition("?")
-    view = RequestView(host=host, path=path, query=query, body=req.body, captures=captures,
-                       azure=policy.azure, body_error=req.body_error)
+    try:
+        target = normalise_target(req.path, req.signed)  # the same object when already normal
+    except UnsafePath as e:
+        return unreadable(ReasonCode.BAD_PATH, f"path: {e.what}",
+                          wording.bad_path(requirement, host, e), wording.no_requirement_path(e),
+                          requirement, trace, base)
+    if target is not req.path:
+        trace.append(f"path normalised: {split_target(req.path)[0]} -> "
+                     f"{split_target(target)[0]}")
+        base["url"] = url_of(req.scheme, host, req.port, target)
+        base["target"] = target
+    path, _, query = target.partition("?")
+    view = RequestView(host=host, path=path, query=query, body=req.body,
+                       captures=captures, azure=policy.azure, body_error=req.body_error,
+                       json_depth=policy.json_depth)
     base["reads"] = view.reads  # filled as locators read; complete once decide returns
     try:
         model = first_match(endpoint.model, view)
         location = endpoint.locator.locate(view, model)
     except BodyError as e:
-        trace.append(f"body: {e}")
-        if requirement.places is None:
-            return Decision(ReasonCode.NO_REQUIREMENT, wording.no_requirement_unreadable(e),
-                            requirement=requirement, trace=tuple(trace), **base)
-        return Decision(ReasonCode.BAD_BODY, wording.bad_body(requirement, host, e),
-                        requirement=requirement, trace=tuple(trace), **base)
+        return unreadable(ReasonCode.BAD_BODY, f"body: {e}", wording.bad_body(requirement, host, e),
+                          wording.no_requirement_unreadable(e), requirement, trace, base)
     if model:
         trace.append(f"model: {model}")
     trace.append(f"located by {location.detail}")
     return judge(catalog, policy, req, view, endpoint, requirement, location, model, base, trace)
+
+
+def unreadable(code: ReasonCode, step: str, refused: str, forwarded: str,
+               requirement: Requirement, trace: list[str], base: dict) -> Decision:
+    """What the decision must read has no single reading (path or body): refused when a
+    requirement applies; otherwise forwarded as sent and recorded with no place."""
+    trace.append(step)
+    if requirement.places is None:
+        return Decision(ReasonCode.NO_REQUIREMENT, forwarded, requirement=requirement,
+                        trace=tuple(trace), **base)
+    return Decision(code, refused, requirement=requirement, trace=tuple(trace), **base)
 
 
 def judge(catalog: Catalog, policy: Policy, req: Request, view: RequestView,

@@ -12,6 +12,9 @@ from .request import Request
 def render_text(regions: RegionTree, req: Request, decision: Decision) -> str:
     describe = regions.describe
     lines = [f"Request:      {req.method} {decision.url}"]
+    if decision.target is not None:
+        lines.append(f"Normalised:   from {req.path.partition('?')[0]} (servers act on the "
+                     "normal form; the proxy forwards it)")
     endpoint = decision.endpoint
     if not decision.is_llm:
         lines.append(f"Destination:  {decision.host}: not an LLM API in the catalog; "

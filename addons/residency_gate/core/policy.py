@@ -15,6 +15,7 @@ from .locate import Option
 from .places import Places
 from .request import AzureResource
 from .requirement import Requirements
+from .strict_json import JSON_DEPTH
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Policy:
     private: tuple[PrivateEndpoint, ...] = ()
     options: dict[str, list[Option]] = field(default_factory=dict)  # by endpoint key
     env_present: frozenset[str] = frozenset()  # key variables set when this policy loaded
+    json_depth: int = JSON_DEPTH  # limits.json_depth: deeper bodies cannot be classified
     _advice_cache: dict = field(default_factory=dict, repr=False)
 
     @property

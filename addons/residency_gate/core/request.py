@@ -2,23 +2,24 @@
 
 `Request` is built by the proxy from a flow (or by `explain` from its arguments):
 the host is the one the proxy will connect to, after the destination checks.
-`RequestView` is the read-only face locators and extractors see, with the JSON
-body parsed lazily and at most once.
+`RequestView` is the read-only face locators and extractors see: the normalised
+path (`normalise.py`, never the query string), and the JSON body parsed lazily, at
+most once, strictly (`strict_json.py`): what the decision reads must mean the same
+to every parser, or the request is refused when a requirement applies.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from .strict_json import JSON_DEPTH, BodyError, members, parse, plain
+
+__all__ = ["AzureResource", "BodyError", "Request", "RequestView", "url_of"]
+
 _MISSING = object()
-
-
-class BodyError(ValueError):
-    """The request body is needed for the decision but cannot be read as JSON."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,14 @@ class Request:
 
     @property
     def url(self) -> str:
-        """scheme://host[:port]/path, without the query string (records never hold it)."""
-        default = 443 if self.scheme == "https" else 80
-        port = "" if self.port in (default, 0) else f":{self.port}"
-        return f"{self.scheme}://{self.host}{port}{self.path.split('?', 1)[0]}"
+        return url_of(self.scheme, self.host, self.port, self.path)
+
+
+def url_of(scheme: str, host: str, port: int, target: str) -> str:
+    """scheme://host[:port]/path, without the query string (records never hold it)."""
+    default = 443 if scheme == "https" else 80
+    shown = "" if port in (default, 0) else f":{port}"
+    return f"{scheme}://{host}{shown}{target.partition('?')[0]}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class RequestView:
     captures: dict[str, str] = field(default_factory=dict)
     azure: Mapping[str, AzureResource] = field(default_factory=dict)
     body_error: str | None = None
+    json_depth: int = JSON_DEPTH
     reads: dict[str, Any] = field(default_factory=dict)  # what the decision read: replayable
     _json: Any = _MISSING
 
@@ -78,11 +84,9 @@ class RequestView:
                 self._json = None
             else:
                 try:
-                    self._json = json.loads(self.body)
-                except (ValueError, UnicodeDecodeError) as e:
-                    self._json = BodyError(f"request body is not valid JSON ({e})")
-                except RecursionError:
-                    self._json = BodyError("request body nests JSON too deeply to be read")
+                    self._json = parse(self.body, self.json_depth)
+                except BodyError as e:
+                    self._json = e
             if isinstance(self._json, BodyError):
                 self.reads["body"] = "unreadable"
                 self.reads["body_error"] = str(self._json)[:256]
@@ -93,23 +97,28 @@ class RequestView:
         return self._json
 
     def body_value(self, dotted: tuple[str, ...]) -> Any:
+        """The value at a dotted path; every object on the way must name each key once."""
         value = self.json()
-        for part in dotted:
+        for depth, part in enumerate(dotted):
+            if type(value) is tuple:  # an object below the top level
+                value = members(value, f"in {'.'.join(dotted[:depth])!r}")
             if not isinstance(value, dict):
                 value = None
                 break
             value = value.get(part)
+        if type(value) is tuple:
+            value = plain(value)
         self.reads["body:" + ".".join(dotted)] = _scalar(value)
         return value
 
     def query_param(self, name: str) -> str | None:
-        found = None
-        for key, value in parse_qsl(self.query, keep_blank_values=True):
-            if key == name:
-                found = value
-                break
-        self.reads["query:" + name] = found
-        return found
+        found = [value for key, value in parse_qsl(self.query, keep_blank_values=True)
+                 if key == name]
+        if len(found) > 1:
+            raise BodyError(f"query parameter {name!r} appears {len(found)} times (servers "
+                            "disagree on which one counts)", "query")
+        self.reads["query:" + name] = found[0] if found else None
+        return found[0] if found else None
 
 
 def _json_type(value: Any, raw: bytes | None) -> str:

@@ -9,11 +9,24 @@ from .places import RegionTree
 if TYPE_CHECKING:
     from .endpoints import Endpoint
     from .locate import Location
+    from .normalise import UnsafePath
     from .policy import Policy
+    from .request import BodyError
     from .requirement import Requirement
     from .reroute import Route
 
 NOTHING_FORWARDED = "Nothing was forwarded."
+FIX_PATH = ("Send the path in normal form: no '.' or '..' segments, no empty segments, no ';' "
+            "parameters, no encoded '/', '\\' or control characters, valid %XX escapes.")
+FIX_BODY = {  # BodyError.kind -> what to send instead
+    "json": "Send a valid JSON body.",
+    "utf8": "Send the JSON body encoded as UTF-8.",
+    "bom": "Send the JSON body without a byte order mark.",
+    "constant": "Send numbers as finite JSON numbers.",
+    "depth": "Send a less deeply nested JSON body.",
+    "repeated": "Send each key once.",
+    "query": "Send each query parameter the decision reads once.",
+}
 
 
 def not_llm(host: str) -> str:
@@ -32,10 +45,22 @@ def no_requirement_unreadable(error: Exception) -> str:
     return f"No residency requirement applies ({error}; not inspected further)."
 
 
-def bad_body(requirement: Requirement, host: str, error: Exception) -> str:
+def bad_body(requirement: Requirement, host: str, error: BodyError) -> str:
     return (f"Refused: a residency requirement (from {requirement.describe()}) applies and the "
-            f"request to {host} cannot be classified because its {error}. Send a valid JSON "
-            "body.")
+            f"request to {host} cannot be classified because its {error}. "
+            f"{FIX_BODY.get(error.kind, FIX_BODY['json'])} {NOTHING_FORWARDED}")
+
+
+def no_requirement_path(error: UnsafePath) -> str:
+    return (f"No residency requirement applies (the path has {error.what}; forwarded as sent, "
+            "not inspected further).")
+
+
+def bad_path(requirement: Requirement, host: str, error: UnsafePath) -> str:
+    return (f"Refused: a residency requirement (from {requirement.describe()}) applies and the "
+            f"path of this request to {host} has {error.what}: servers read such a path in "
+            f"different ways, so where it would be processed cannot be known. {FIX_PATH} "
+            f"{NOTHING_FORWARDED}")
 
 
 def empty_requirement(requirement: Requirement) -> str:
@@ -108,6 +133,12 @@ def fronting_behind(others: list[str], target: str) -> str:
 def fronting_named(target: str, others: list[str]) -> str:
     return (f"Request goes to {target} but names {', '.join(others)} in its Host header or TLS "
             "SNI; refused (domain fronting). Send it to the host you mean, through the proxy.")
+
+
+def ip_literal_refused(address: str) -> str:
+    return (f"TLS to the IP address {address} names no host, and this proxy refuses such "
+            "connections (ip_literals: refuse). Connect by host name through the proxy. "
+            f"{NOTHING_FORWARDED}")
 
 
 def too_large(limit: int) -> str:

@@ -24,6 +24,7 @@ from mitmproxy.addons import (
     next_layer,
     proxyauth,
     proxyserver,
+    strip_dns_https_records,
     tlsconfig,
     upstream_auth,
 )
@@ -39,7 +40,10 @@ CA_CERT = "mitmproxy-ca-cert.pem"
 def gate_addons() -> list[object]:
     """The mitmproxy addons a residency gate needs, in mitmproxy's own order."""
     return [core.Core(), block.Block(), disable_h2c.DisableH2C(), proxyauth.ProxyAuth(),
-            proxyserver.Proxyserver(), dns_resolver.DnsResolver(), next_layer.NextLayer(),
+            proxyserver.Proxyserver(), dns_resolver.DnsResolver(),
+            # Where mitmproxy answers DNS (wireguard, local modes), ECH configs are removed
+            # from HTTPS records (`strip_ech`): clients then send their real server name.
+            strip_dns_https_records.StripDnsHttpsRecords(), next_layer.NextLayer(),
             tlsconfig.TlsConfig(), upstream_auth.UpstreamAuth(), errorcheck.ErrorCheck()]
 
 

@@ -3,9 +3,12 @@
 A request's path, in hook order (connection hooks live in `connections.py`):
   requestheaders   -> an LLM body declared over the size limit is refused now: a
                       streamed body would leave before `request` runs
-  request          -> destination checks (fronting) -> decision (large bodies off the
-                      event loop) -> `_answer`: route applied, record durable, metric,
-                      then forward (tag header stripped), refuse, or reroute
+  request          -> destination checks (fronting; an IP-literal CONNECT target is
+                      decided by the name its Host header gives, and then connected to by
+                      that name) -> decision (path normalised, body read strictly; large
+                      bodies off the event loop) -> `_answer`: route applied, record
+                      durable, metric, then forward exactly what was decided on (the
+                      normalised path, tag header stripped), refuse, or reroute
   responseheaders  -> stream the response, mark it with X-Residency-Decision
   response / error -> outcome record; a provider that did not answer (connect, TLS,
                       timeout, reset: `limits.py` times it) gets the client a 502/504 in
@@ -34,7 +37,15 @@ from ..core.decision import BLOCK, REROUTE, Decision, ReasonCode, refuse
 from ..core.request import Request
 from . import decoding, upstream
 from .connections import Access, Interception, Resolve
-from .flows import MissingKey, apply_route, destination_of, read_body, request_of, strip_tag
+from .flows import (
+    MissingKey,
+    apply_route,
+    connect_by_name,
+    destination_of,
+    read_body,
+    request_of,
+    strip_tag,
+)
 from .interface import Gate
 from .inventory import Inventory
 from .limits import ConnectionLimits
@@ -98,9 +109,10 @@ class ResidencyGate:
 
     def __init__(self, gate: Gate | None = None) -> None:
         self.gate = gate
+        self.interception = Interception(self)
         # mitmproxy loads nested addons, after its own; ConnectionLimits comes last: it
         # wraps the layers that next_layer (mitmproxy's, Interception's, Inventory's) picked
-        self.addons = [Access(self), Interception(self), Resolve(self), Inventory(self),
+        self.addons = [Access(self), self.interception, Resolve(self), Inventory(self),
                        ConnectionLimits(self)]
 
     # ------------------------------------------------------------------ requests
@@ -168,6 +180,7 @@ class ResidencyGate:
         if isinstance(host, Decision):
             await self._answer(flow, state, bundle, host)
             return
+        connect_by_name(flow, host)
         raw = flow.request.raw_content or b""
         limit = bundle.config.request_body_bytes
         if len(raw) > limit:  # chunked: no Content-Length up front
@@ -188,6 +201,8 @@ class ResidencyGate:
     async def _destination(self, flow: http.HTTPFlow, bundle: Bundle) -> str | Decision | None:
         """The LLM host this request really goes to, None for other traffic, or a refusal."""
         dest = destination_of(flow)
+        if flow.client_conn.id in self.interception.refused:
+            return admission.ip_literal_refused(bundle.catalog, dest)
         name = admission.name_to_verify(bundle.catalog, dest)
         resolves = await self._resolves_to(name, dest.target, bundle) if name else None
         return admission.destination(bundle.catalog, dest, resolves)
@@ -201,7 +216,9 @@ class ResidencyGate:
             infos = await asyncio.get_running_loop().getaddrinfo(name, None)
         except OSError:
             return False
-        return any(info[4][0] == address for info in infos)
+        addresses = [info[4][0] for info in infos]
+        self.interception.llm_addresses.learn(addresses)  # they serve an LLM host (ECH)
+        return address in addresses
 
     # ------------------------------------------------------------------ the one answer path
 
@@ -214,7 +231,9 @@ class ResidencyGate:
         made because something else failed (`must_record=False`) is still answered when
         its record cannot be written."""
         header = bundle.policy.header
-        if decision.verdict == REROUTE and decision.enforced:
+        if decision.target is not None and (decision.verdict != BLOCK or not decision.enforced):
+            flow.request.path = decision.target  # the normalised path it was decided on
+        if decision.verdict == REROUTE and decision.enforced:  # (a route sets its own path)
             try:
                 apply_route(flow, decision.route)
             except MissingKey as e:

@@ -10,11 +10,12 @@ from mitmproxy import http
 
 from ..audit.record import BodyDigest
 from ..catalog.config import Limits
-from ..core.admission import Destination
+from ..core.admission import Destination, is_ip
 from ..core.request import Request
 from ..core.reroute import Route, apply_body_fields
 from ..core.sigv4 import is_signed, signed_headers
 from . import decoding
+from .connections import NAMED_TARGET_MODES
 
 
 def destination_of(flow: http.HTTPFlow) -> Destination:
@@ -22,6 +23,18 @@ def destination_of(flow: http.HTTPFlow) -> Destination:
     req = flow.request
     return Destination.of(req.host, req.host_header, flow.client_conn.sni,
                           req.pretty_url.split("?", 1)[0])
+
+
+def connect_by_name(flow: http.HTTPFlow, host: str) -> None:
+    """An IP-literal CONNECT target decided by the LLM name in its Host header (checked to
+    resolve to that address): connect to the name, so the upstream TLS carries that SNI and
+    its certificate is checked for it, and a connection opened for one name is never reused
+    for another. The Host header stays as the client sent it."""
+    r = flow.request
+    if is_ip(r.host) and isinstance(flow.client_conn.proxy_mode, NAMED_TARGET_MODES):
+        host_header = r.host_header
+        r.host = host
+        r.host_header = host_header
 
 
 def client_of(flow: http.HTTPFlow) -> tuple[str | None, str | None]:
