@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ..catalog.config import AuditConfig
+from .housekeeping import Retention
 from .keys import load_or_create_signing_key
 from .writer import AuditWriter
 from .writer_process import ProcessAuditWriter
@@ -44,6 +45,12 @@ def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None
     writer = cls(audit.dir, key, origin or audit.origin, fsync=audit.fsync,
                  rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
                  checkpoint_every=audit.checkpoint_every,
-                 checkpoint_seconds=audit.checkpoint_seconds, anchor_file=audit.anchor)
+                 checkpoint_seconds=audit.checkpoint_seconds, anchor_file=audit.anchor,
+                 compress=audit.compress, retention=_retention(audit))
     writer.open()
     return writer
+
+
+def _retention(audit: AuditConfig) -> Retention | None:
+    r = audit.retention
+    return None if r is None else Retention(r.max_age_days, r.max_bytes, r.archive_dir)

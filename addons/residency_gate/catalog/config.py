@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "private_endpoints": [],
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
-              "anchor": None},
+              "anchor": None, "compress": "zstd",
+              "retention": {"max_age_days": None, "max_bytes": None, "archive_dir": None}},
     "limits": {"request_body_bytes": 32 << 20, "decision_timeout_seconds": 10.0},
     "log": {"format": "text", "level": "info"},
 }
@@ -101,6 +102,15 @@ class AuditConfig:
     checkpoint_every: int
     checkpoint_seconds: int
     anchor: Path | None
+    compress: str = "zstd"
+    retention: AuditRetentionConfig | None = None  # None: keep every segment
+
+
+@dataclass(frozen=True)
+class AuditRetentionConfig:
+    max_age_days: int | None
+    max_bytes: int | None
+    archive_dir: Path | None
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,7 @@ def load_config(path: Path | None) -> Config:
             region=names_list(p["region"]), models=dict(p["models"]),
             api_key_env=p.get("api_key_env")))
     audit = d["audit"]
+    retention = {**DEFAULTS["audit"]["retention"], **(audit.get("retention") or {})}
     listen = hostport("listen", d["listen"])
     config = Config(
         path=path,
@@ -219,7 +230,11 @@ def load_config(path: Path | None) -> Config:
             origin=audit["origin"] or f"{socket.gethostname()}-{listen[1]}",
             rotate_bytes=audit["rotate_bytes"], rotate_seconds=audit["rotate_seconds"],
             checkpoint_every=audit["checkpoint_every"],
-            checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"])),
+            checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"]),
+            compress=audit["compress"],
+            retention=None if retention["max_age_days"] is None and retention["max_bytes"] is None
+            else AuditRetentionConfig(retention["max_age_days"], retention["max_bytes"],
+                                      rel(retention["archive_dir"]))),
         request_body_bytes=d["limits"]["request_body_bytes"],
         decision_timeout=float(d["limits"]["decision_timeout_seconds"]),
         log_format=d["log"]["format"],
