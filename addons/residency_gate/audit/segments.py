@@ -71,10 +71,54 @@ class Source:
         return cls(str(path), path=Path(path))
 
 
+class _ZstdReader(io.RawIOBase):
+    """zstd frames one after another, read in chunks; a file that ends inside a frame
+    (truncated) raises SegmentReadError instead of reading as shorter."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.buf = b""
+        self.off = 0
+        self.in_frame = False
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.done and (n < 0 or len(self.buf) - self.off < n):
+            chunk = self.raw.read(CHUNK)
+            if not chunk:
+                self.done = True
+                if self.in_frame:
+                    raise SegmentReadError("compressed data ends in the middle of a frame "
+                                           "(truncated)")
+                break
+            out = [self.buf[self.off:]]
+            while chunk:
+                self.in_frame = True
+                out.append(self.dobj.decompress(chunk))
+                if not self.dobj.eof:
+                    break
+                chunk = self.dobj.unused_data
+                self.dobj = zstandard.ZstdDecompressor().decompressobj()
+                self.in_frame = False
+            self.buf, self.off = b"".join(out), 0
+        end = len(self.buf) if n < 0 else self.off + n
+        data = self.buf[self.off:end]
+        self.off = min(end, len(self.buf))
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _decompressing(raw: BinaryIO, name: str) -> BinaryIO:
+    name = name.removesuffix(TMP_SUFFIX)  # a copy being written is read as what it becomes
     if name.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                          closefd=True)
+        return _ZstdReader(raw)  # type: ignore[return-value]
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     return raw

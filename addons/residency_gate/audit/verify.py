@@ -141,6 +141,7 @@ class Report:
     origins: dict[str, OriginReport] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     mode: str = "default"
+    workers: int = 0  # worker processes that checked signatures (--thorough)
     anchor: str | None = None
     problems_not_listed: int = 0
 
@@ -165,6 +166,7 @@ class Report:
         return {
             "ok": self.ok,
             "mode": self.mode,
+            "workers": self.workers,
             "files": self.files,
             "anchor": self.anchor,
             "problems": [asdict(p) for p in self.problems],
@@ -1040,6 +1042,7 @@ class _Verifier:
             if self.thorough and self._parallel(logs):
                 ctx = multiprocessing.get_context("forkserver")
                 self.pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx)
+                self.report.workers = self.jobs
             for oi, (origin, items) in enumerate(by_origin.items()):
                 items.sort(key=lambda x: x[0])
                 files = [s for _o, s in items]
