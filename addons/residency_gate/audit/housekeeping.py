@@ -30,7 +30,7 @@ from typing import Any
 
 from ..fileio import fsync_dir
 from .canonical import loads_record
-from .chain import COMPRESSED_SUFFIXES, origin_safe, parse_segment_name
+from .chain import COMPRESSED_SUFFIXES, logical_name, origin_safe, parse_segment_name
 from .segments import (
     FORMATS,
     TMP_SUFFIX,
@@ -80,7 +80,7 @@ class PrunePlan:
 
     def fields(self) -> dict[str, Any]:
         """The ``prune`` record's fields (the writer adds the chain fields)."""
-        names = [p.name for p in self.segments]
+        names = [logical_name(p.name) for p in self.segments]
         return {
             "first": self.first, "through": self.through,
             "checkpoint": {"size": self.through + 1, "head": self.head},
@@ -150,7 +150,7 @@ class Housekeeper:
         self._jobs.put(("scan",))
 
     def rotated(self, current: Path) -> None:
-        """The writer opened a new segment: the previous ones are closed."""
+        """The writer closed its segment and is about to create ``current``."""
         with self._lock:
             self._current = current
         self._jobs.put(("scan",))
@@ -212,6 +212,14 @@ class Housekeeper:
                 out.append((parsed[1], path))
         return sorted(out)
 
+    def _closed(self) -> list[Path]:
+        """Segments the writer is done with (all but the one it writes, or is about to
+        create: it says so before creating it), oldest first."""
+        with self._lock:
+            current = self._current
+        return [p for _first, p in self._segments()
+                if current is None or logical_name(p.name) != current.name]
+
     def _scan(self) -> None:
         safe = origin_safe(self.origin)
         leftovers = [p.name for p in self.directory.iterdir()
@@ -224,10 +232,10 @@ class Housekeeper:
                                                         or n != current.name]):
             log.warning("audit segment housekeeping: %s", note)
         if self.compress != "none":
-            for _first, path in self._segments():
+            for path in self._closed():
                 if self._stop.is_set():
                     return
-                if path == current or path.name.endswith(COMPRESSED_SUFFIXES):
+                if path.name.endswith(COMPRESSED_SUFFIXES):
                     continue
                 if compress_segment(path, self.compress, self._stop.is_set) is not None:
                     self.compressed += 1
@@ -239,8 +247,7 @@ class Housekeeper:
         with self._lock:
             if self._plan is not None or self._executing:
                 return
-            current = self._current
-        segs = [p for _f, p in self._segments() if p != current]
+        segs = self._closed()
         allsegs = self._segments()
         total = sum(p.stat().st_size for _f, p in allsegs)
         now = time.time()
@@ -287,13 +294,15 @@ class Housekeeper:
 
     def _execute(self, plan: PrunePlan) -> None:
         try:
+            # a segment may have been compressed since the plan was made: take its files now
+            files = [f for path in plan.segments for f in _forms_of(path)]
             if plan.archive_dir is not None:
                 plan.archive_dir.mkdir(parents=True, exist_ok=True)
-                for path in plan.segments:
+                for path in files:
                     _move(path, plan.archive_dir / path.name)
                 fsync_dir(plan.archive_dir)
             else:
-                for path in plan.segments:
+                for path in files:
                     path.unlink(missing_ok=True)
             fsync_dir(self.directory)
             self.pruned += len(plan.segments)
@@ -303,6 +312,13 @@ class Housekeeper:
         finally:
             with self._lock:
                 self._executing = False
+
+
+def _forms_of(path: Path) -> list[Path]:
+    """The files that hold one segment now: plain and/or compressed."""
+    plain = path.with_name(logical_name(path.name))
+    forms = [plain, *(plain.with_name(plain.name + s) for s in COMPRESSED_SUFFIXES)]
+    return [f for f in forms if f.exists()]
 
 
 def _move(src: Path, dst: Path) -> None:

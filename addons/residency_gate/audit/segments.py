@@ -36,6 +36,7 @@ from .chain import (
 )
 
 CHUNK = 1 << 20
+ZCHUNK = 1 << 17  # compressed bytes per read: ~1 MB of records once decompressed
 TMP_SUFFIX = ".tmp"
 FORMATS = {"zstd": ".zst", "gzip": ".gz"}
 
@@ -88,7 +89,7 @@ class _ZstdReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         while not self.done and (n < 0 or len(self.buf) - self.off < n):
-            chunk = self.raw.read(CHUNK)
+            chunk = self.raw.read(ZCHUNK)
             if not chunk:
                 self.done = True
                 if self.in_frame:

@@ -142,8 +142,10 @@ class Report:
     files: list[str] = field(default_factory=list)
     mode: str = "default"
     workers: int = 0  # worker processes that checked signatures (--thorough)
+    worker_cpu_seconds: float = 0.0
     anchor: str | None = None
     problems_not_listed: int = 0
+    records: list[tuple[str, int, dict]] | None = None  # (file, line, record) if collected
 
     @property
     def errors(self) -> list[Problem]:
@@ -167,6 +169,7 @@ class Report:
             "ok": self.ok,
             "mode": self.mode,
             "workers": self.workers,
+            "worker_cpu_seconds": round(self.worker_cpu_seconds, 3),
             "files": self.files,
             "anchor": self.anchor,
             "problems": [asdict(p) for p in self.problems],
@@ -255,27 +258,22 @@ class _Rerun(Exception):
     """The fast reading of a line disagreed with the parser: walk the origin again, parsing."""
 
 
-def _extract(raw: bytes, origin_member: bytes) -> tuple[int, str, str, str] | None:
-    """(seq, prev, kind, key_id) read straight from a line laid out as the writer writes it
+def _extract(raw: bytes) -> tuple[int, str, str, None] | None:
+    """(seq, prev, kind, None) read straight from a line laid out as the writer writes it
     (canonical JSON: sorted keys, ``"v":1`` last), without parsing it; None for a line that
     does not look like that (it is parsed instead).
 
     Only a speed-up: a record is taken on these values alone only if a checkpoint whose
     signature verifies vouches for it through the hash chain, i.e. its bytes are exactly
-    what the writer wrote, for which this reading is right. Every other record is parsed
-    when it is checked, and if the parser disagrees the origin is walked again, parsing."""
+    what the writer wrote, for which this reading is right (and its origin and key are those
+    of the checkpoint). Every other record is parsed when it is checked, and if the parser
+    disagrees the origin is walked again, parsing every line."""
     if not raw.endswith(b',"v":1}'):
         return None
-    m = raw.find(b',"key_id":"')  # then kind, origin, prev, seq: the keys are sorted
-    if m < 0:
-        return None
-    me = raw.find(b'"', m + 11)
-    k = raw.find(b',"kind":"', me)
+    k = raw.find(b',"kind":"')  # then prev, then seq: the keys are sorted
     if k < 0:
         return None
     ke = raw.find(b'"', k + 9)
-    if not raw.startswith(origin_member, raw.find(b',"origin":', ke)):
-        return None
     j = raw.find(b',"prev":"', ke)
     if j < 0 or raw[j + 73:j + 74] != b'"':
         return None
@@ -285,8 +283,8 @@ def _extract(raw: bytes, origin_member: bytes) -> tuple[int, str, str, str] | No
     digits = raw[i + 7:raw.find(b",", i + 7)]
     if not digits.isdigit():
         return None
-    return (int(digits), raw[j + 9:j + 73].decode("ascii", "replace"),
-            raw[k + 9:ke].decode("utf-8", "replace"), raw[m + 11:me].decode("utf-8", "replace"))
+    return int(digits), raw[j + 9:j + 73].decode("ascii", "replace"), \
+        raw[k + 9:ke].decode("utf-8", "replace"), None
 
 
 class _Rec:
@@ -338,7 +336,6 @@ class _Origin:
         self.v = v
         self.oi = oi
         self.origin = origin
-        self.origin_member = b',"origin":' + canonical(origin) + b","
         self.fast = fast
         self.files = files
         self.rep = OriginReport(origin=origin, files=[f.name for f in files])
@@ -414,6 +411,7 @@ class _Origin:
                 if pool is not None:
                     submit_upto(fidx + 2 * v.jobs)
                     self.checks = {fidx: futures.pop(fidx).result()}
+                    v.report.worker_cpu_seconds += self.checks[fidx].cpu
                 self._walk_file(fidx, src)
             self._finish()
         finally:
@@ -426,7 +424,6 @@ class _Origin:
         first_in_file = True
         oi = self.oi
         origin = self.origin
-        member = self.origin_member
         sha = hashlib.sha256
         loads = loads_record
         hex64 = HEX64_RE.match
@@ -436,7 +433,7 @@ class _Origin:
             for lineno, offset, raw, terminated in iter_lines(src):
                 h = sha(raw).hexdigest()
                 if extract is not None:
-                    fields = extract(raw, member)
+                    fields = extract(raw)
                     if fields is not None:
                         self._record(fidx, name, lineno, raw, terminated, None, h,
                                      first_in_file, *fields)
@@ -626,7 +623,7 @@ class _Origin:
         if self.v.thorough:
             self._settle(e, None)
         elif (kind in IMMEDIATE_KINDS or seq < expected or not terminated
-              or key_id not in self.trusted):
+              or (key_id is not None and key_id not in self.trusted)):
             self._settle_run()
             self._settle(e, None)
         else:
@@ -652,10 +649,10 @@ class _Origin:
             except ValueError:
                 raise _Rerun from None
             if (record_error(obj) is not None or obj["origin"] != self.origin
-                    or obj["seq"] != e.seq or obj["prev"] != e.prev or obj["kind"] != e.kind
-                    or obj["key_id"] != e.key_id):
+                    or obj["seq"] != e.seq or obj["prev"] != e.prev or obj["kind"] != e.kind):
                 raise _Rerun
             e.obj = obj
+            e.key_id = obj["key_id"]
         return e.obj
 
     def _candidate(self, obj: dict) -> None:
@@ -674,13 +671,15 @@ class _Origin:
         run = self.run
         cp = run[-1]
         obj = self._materialize(cp)
-        check = self._check(cp, self.trusted.get(cp.key_id))
+        check = self._check(cp)
         ok = (check == (True, True) and obj.get("size") == cp.seq
               and obj.get("head") == cp.prev)
         self.run = []
         if ok:
             self.rep.checkpoints_verified += 1
             for e in run[:-1]:
+                if e.key_id is None:  # read the fast way: written with the checkpoint's key
+                    e.key_id = cp.key_id
                 self._settle(e, (True, True), vouched=True)
             self._settle(cp, check)
         else:
@@ -694,8 +693,10 @@ class _Origin:
             for e in run:
                 self._settle(e, None)
 
-    def _check(self, e: _Rec, public: Ed25519PublicKey | None) -> tuple[bool, bool | None]:
+    def _check(self, e: _Rec) -> tuple[bool, bool | None]:
+        """(canonical, signature) of a record: the worker's answer or checked here."""
         obj = self._materialize(e)
+        public = self.trusted.get(e.key_id)
         result = self.checks.get(e.fidx)
         if result is not None and public is not None:
             used = result.keys.get(e.key_id)
@@ -706,10 +707,10 @@ class _Origin:
     def _settle(self, e: _Rec, check: tuple[bool, bool | None] | None,
                 vouched: bool = False) -> None:
         seq = e.seq
+        if check is None:
+            check = self._check(e)
         key_id = e.key_id
         public = self.trusted.get(key_id)
-        if check is None:
-            check = self._check(e, public)
         canon, sig_ok = check
         if not vouched and public is not None:
             self.rep.signatures_checked += 1
@@ -756,6 +757,8 @@ class _Origin:
             self.cur = None
         if self.v.on_record is not None:
             self.v.on_record(e.name, e.lineno, e.obj, authentic)
+        if self.v.collected is not None:
+            self.v.collected.append((e.name, e.lineno, self._materialize(e)))
 
     def _kind_checks(self, rec: dict) -> tuple[str, str] | None:
         kind = rec["kind"]
@@ -940,6 +943,7 @@ class _Verifier:
         self.anchor_idx = -1
         self.logical_names: set[str] = set()
         self.pool: ProcessPoolExecutor | None = None
+        self.collected: list[tuple[str, int, dict]] | None = None
         self._cp_checked: dict[tuple[int, int], bool] = {}
 
     def add(self, key: tuple, code: str, message: str, *, file=None, line=None, seq=None,
@@ -1048,7 +1052,8 @@ class _Verifier:
                 files = [s for _o, s in items]
                 first_seq = next((f for s, o, f in peeked if s is files[0]), None)
                 start = self._start_for(origin, starts, first_seq)
-                fast = not self.thorough and self.on_record is None
+                fast = (not self.thorough and self.on_record is None
+                        and self.collected is None)
                 o = _Origin(self, oi, origin, files, start, fast)
                 try:
                     o.walk()
@@ -1150,9 +1155,13 @@ def verify_sources(logs: list[Source], checkpoints: list[Source],
                    pubkeys: dict[str, Ed25519PublicKey] | None, anchor: Source | None = None,
                    *, thorough: bool = False, jobs: int | None = None,
                    start: Iterable[dict] | None = None,
-                   on_record: OnRecord | None = None) -> Report:
+                   on_record: OnRecord | None = None, collect_records: bool = False) -> Report:
     v = _Verifier(pubkeys, thorough=thorough, jobs=jobs, on_record=on_record)
-    return v.run(logs, checkpoints, anchor, _start_lines(start))
+    if collect_records:
+        v.collected = []
+    report = v.run(logs, checkpoints, anchor, _start_lines(start))
+    report.records = v.collected
+    return report
 
 
 def verify_bytes(
@@ -1181,12 +1190,17 @@ def verify(
     jobs: int | None = None,
     start: Iterable[dict] | None = None,
     on_record: OnRecord | None = None,
+    collect_records: bool = False,
 ) -> Report:
     """Verify audit files and directories (see module doc). Raises OSError on unreadable
     input. ``on_record(file, line, record, authentic)`` sees every record once, in chain
-    order, when its verdict is known (what `audit report` counts)."""
+    order, when its verdict is known (what `audit report` counts); ``collect_records``
+    keeps them all in ``Report.records`` (small logs and tests only: memory grows with
+    the log). With --thorough, worker processes are started the multiprocessing way: a
+    script calling this needs the ``if __name__ == "__main__":`` guard."""
     logs, cps = collect_files(paths)
     return verify_sources([Source.of(p) for p in logs], [Source.of(p) for p in cps], pubkeys,
                           Source.of(Path(anchor)) if anchor else None, thorough=thorough,
-                          jobs=jobs, start=start, on_record=on_record)
+                          jobs=jobs, start=start, on_record=on_record,
+                          collect_records=collect_records)
 

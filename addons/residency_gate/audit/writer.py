@@ -610,12 +610,13 @@ class AuditWriter:
             self._checkpoint()
         self._sync()
         self._close_fd()
-        self._open_segment(self.directory / segment_name(self.origin, self._seq), create=True)
+        new = self.directory / segment_name(self.origin, self._seq)
+        if self.keeper.needed:  # before it exists: housekeeping never touches it
+            self.keeper.rotated(new)
+        self._open_segment(new, create=True)
         self._file_records = 0
         self._file_started = time.time()
         self.stats.rotations += 1
-        if self.keeper.needed and self._path is not None:
-            self.keeper.rotated(self._path)
 
     def _close_fd(self) -> None:
         if self._fd is not None:
