@@ -80,7 +80,7 @@ from .segments import (
     iter_lines,
     iter_records,
 )
-from .signatures import SegmentCheck, check_record, check_segment
+from .signatures import SegmentCheck, check_record_cached, check_segment
 
 __all__ = [
     "ERROR", "WARNING", "OriginReport", "Problem", "Report", "collect_files", "iter_records",
@@ -702,7 +702,7 @@ class _Origin:
             used = result.keys.get(e.key_id)
             if used is not None and used == self.trusted_raw.get(e.key_id):
                 return result.failures.get(e.lineno, (True, True))
-        return check_record(e.raw, obj, public)
+        return check_record_cached(e.raw, e.h, obj, public, self.trusted_raw.get(e.key_id))
 
     def _settle(self, e: _Rec, check: tuple[bool, bool | None] | None,
                 vouched: bool = False) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..audit.chain import parse_ts
 from ..audit.keys import AuditKeyError, default_public_keys, load_public_keys, rotate_key
-from ..audit.verify import Report, iter_records, load_start, verify
+from ..audit.verify import Report, load_start, verify
 
 SHOW_WINDOW = 10_000  # selected decisions held back waiting for their outcome, at most
 
@@ -175,16 +175,17 @@ _OUTCOME = ("status", "bytes_in", "bytes_out", "duration_ms", "error")
 
 
 def iter_decisions(records: Iterable[tuple[str, int, dict]], args,
-                   window: int = SHOW_WINDOW, late: list[int] | None = None
-                   ) -> Iterator[dict]:
+                   window: int = SHOW_WINDOW, late: list[int] | None = None,
+                   waiting: dict[str, dict] | None = None) -> Iterator[dict]:
     """The selected decisions in chain order, each with its outcome merged in, streaming.
 
     A decision waits for its outcome while fewer than ``window`` selected decisions queue
     behind it; past that it goes out without (counted in ``late``), so memory stays bounded
-    whatever the log size."""
+    whatever the log size. ``waiting`` (decision id -> row) is shared with a caller that
+    reads only the outcomes someone waits for (see _show_records)."""
     keep = decision_filter(args)
     queue: deque[dict] = deque()
-    waiting: dict[str, dict] = {}
+    waiting = {} if waiting is None else waiting
     for _file, _line, rec in records:
         kind = rec.get("kind")
         if kind == "outcome":
@@ -205,6 +206,49 @@ def iter_decisions(records: Iterable[tuple[str, int, dict]], args,
     yield from queue
 
 
+def _show_records(paths: list[Path], args, waiting: dict[str, dict]
+                  ) -> Iterator[tuple[str, int, dict]]:
+    """The records `show` needs, parsing only those: decisions whose line holds the values
+    asked for (--decision, --provider; the filters decide again on the parsed record), and
+    outcomes of decisions that wait for one. A line laid out otherwise is parsed."""
+    from ..audit.canonical import loads_record
+    from ..audit.chain import record_error
+    from ..audit.segments import SegmentReadError, Source, collect_files, iter_lines
+
+    needles = [json.dumps(v, ensure_ascii=False).encode()
+               for v in (args.decision, args.provider) if v]
+    logs, _ = collect_files(paths)
+    for p in sorted(logs, key=_segment_order):
+        try:
+            for n, _off, raw, _term in iter_lines(Source.of(p)):
+                if b'"kind":"decision"' in raw:
+                    if not all(x in raw for x in needles):
+                        continue
+                elif b'"kind":"outcome"' in raw:
+                    i = raw.find(b'"decision_id":"')
+                    if i >= 0:
+                        did = raw[i + 15:raw.find(b'"', i + 15)].decode("utf-8", "replace")
+                        if did not in waiting:
+                            continue
+                elif b',"kind":"' in raw:
+                    continue  # another kind of record
+                try:
+                    rec = loads_record(raw)
+                except ValueError:
+                    continue
+                if record_error(rec) is None:
+                    yield str(p), n, rec
+        except SegmentReadError as exc:
+            print(f"{p}: {exc}", file=sys.stderr)
+
+
+def _segment_order(p: Path):
+    from ..audit.chain import parse_segment_name
+
+    parsed = parse_segment_name(p.name)
+    return (parsed[0], parsed[1], p.name) if parsed else (p.name, 0, p.name)
+
+
 def select_decisions(records, args) -> list[dict]:
     """iter_decisions() as a list (small logs, tests)."""
     return list(iter_decisions(records, args))
@@ -218,7 +262,9 @@ def _cell(v, width: int) -> str:
 def cmd_show(args) -> int:
     paths = _paths(args)
     late = [0]
-    rows = iter_decisions(iter_records(paths), args, late=late)
+    waiting: dict[str, dict] = {}
+    rows = iter_decisions(_show_records(paths, args, waiting), args, late=late,
+                          waiting=waiting)
     n = 0
     if args.json:
         for r in rows:
