@@ -467,3 +467,34 @@ def test_thorough_in_worker_processes_gives_the_same_verdicts(tmp_path, monkeypa
     assert parallel.origins[ORIGIN].keys == [old.key_id, new.key_id]
     assert parallel.origins[ORIGIN].signatures_checked == serial.origins[ORIGIN].records
     assert (parallel.workers, serial.workers, default.workers) == (2, 0, 0)
+
+
+def test_fast_reading_falls_back_to_parsing_when_a_line_fools_it(tmp_path):
+    """Default mode reads seq/prev/kind straight from the bytes; a record whose nested
+    values carry the same keys first (allowed: record fields are free-form) makes that
+    reading wrong, and the verifier must notice and parse instead: same verdicts."""
+    key = load_or_create_signing_key(tmp_path / "certs")
+    d = tmp_path / "audit"
+
+    async def go():
+        w = AuditWriter(d, key, ORIGIN, rotate_bytes=3000)
+        w.open()
+        for i in range(12):
+            await w.append("decision", {"meta": {"a": 0, "prev": "ab" * 32},
+                                        "routed": {"a": 0, "seq": 1000 + i, "z": 0},
+                                        "decision": "allow", "n": i})
+        await w.close()
+    asyncio.run(go())
+    from residency_gate.audit.verify import _extract
+
+    _f, _i, x = find(d, 3)
+    assert _extract(x)[:2] != (3, parse(x)["prev"])  # the fast reading is fooled here
+    keys = {key.key_id: key.public}
+    rep = verify([d], keys, None)
+    assert rep.ok and rep.problems == [], [p.text() for p in rep.problems]
+    assert rep.origins[ORIGIN].vouched == [(0, last_seq(d))]
+    f, i, x = find(d, 5)
+    set_line(f, i, x.replace(b'"decision":"allow"', b'"decision":"block"'))
+    default, thorough = verify([d], keys, None), verify([d], keys, None, thorough=True, jobs=1)
+    assert verdicts(default) == verdicts(thorough) == [("bad-signature", 5),
+                                                        ("hash-mismatch", 6)]
