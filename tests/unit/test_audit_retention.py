@@ -178,8 +178,9 @@ def test_retention_waits_for_a_published_checkpoint(tmp_path):
     k = Housekeeper(tmp_path, ORIGIN, "none", Retention(max_bytes=1))
     plan = PrunePlan([tmp_path / "a"], 0, 99, "00" * 32, 10, "over max_bytes 1", None)
     k._plan = plan
+    assert not k.plan_ready(published=99)  # the writer does not wake up for it
     assert k.take_plan(published=99) is None  # covers 0-98 only
-    assert k.take_plan(published=100) is plan
+    assert k.plan_ready(published=100) and k.take_plan(published=100) is plan
 
 
 @MODES
@@ -283,3 +284,19 @@ def test_from_checkpoint_argument_forms(tmp_path, key):
         load_start('{"not": "a checkpoint"}')
     shutil.rmtree(d)
     assert file_sha256  # imported for the crash-state tests above
+
+
+def test_prune_waits_for_a_published_checkpoint_without_spinning(tmp_path, key):
+    d = tmp_path / "audit"
+    write(d, key, 40)
+    (d / f"checkpoints-{ORIGIN}.jsonl").unlink()  # nothing published, as far as it knows
+    w = AuditWriter(d, key, ORIGIN, rotate_bytes=4096, retention=Retention(max_bytes=4096))
+    w.open()
+    assert w.keeper.wait_idle(30) and w.keeper._plan is not None  # planned ...
+    assert w.checkpoint_due_in() != 0.0  # ... but not due: no busy loop in the writer
+    w.append_batch([("decision", fields(40))])
+    assert not [r for _f, _n, r in iter_records([d]) if r["kind"] == "prune"]
+    w.close_sync()  # the final checkpoint is published: the next start prunes
+    write(d, key, 4, start=41, retention=Retention(max_bytes=4096))
+    assert [r for _f, _n, r in iter_records([d]) if r["kind"] == "prune"]
+    assert verify([d], keys_of(key), None).ok

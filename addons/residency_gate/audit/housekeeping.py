@@ -155,8 +155,10 @@ class Housekeeper:
             self._current = current
         self._jobs.put(("scan",))
 
-    def plan_ready(self) -> bool:
-        return self._plan is not None
+    def plan_ready(self, published: int) -> bool:
+        """A plan waits whose segments a published checkpoint covers."""
+        plan = self._plan
+        return plan is not None and plan.through + 1 <= published
 
     def take_plan(self, published: int) -> PrunePlan | None:
         """The plan, once a published checkpoint covers it (the writer writes its record)."""

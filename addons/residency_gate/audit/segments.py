@@ -250,27 +250,34 @@ def compressed_twin(path: Path) -> Path | None:
     return None
 
 
-def iter_records(paths: list[Path]) -> Iterator[tuple[str, int, dict]]:
+def segment_order(p: Path) -> tuple:
+    """Sort key: per origin, in chain order (what the names say)."""
+    parsed = parse_segment_name(p.name)
+    return (parsed[0], parsed[1], p.name) if parsed else (p.name, 0, p.name)
+
+
+def iter_records(paths: list[Path], wanted: Callable[[bytes], bool] | None = None,
+                 errors: list[str] | None = None) -> Iterator[tuple[str, int, dict]]:
     """(file, line, record) for every parseable record, in file order; no verification.
 
-    Streams: one line in memory at a time. Segments are read per origin in chain order."""
+    Streams: one line in memory at a time. Segments are read per origin in chain order.
+    ``wanted(line)`` False skips a line before it is parsed (a reader that needs only some
+    records); segments that cannot be read are skipped, and said in ``errors``."""
     logs, _ = collect_files(paths)
-
-    def order(p: Path):
-        parsed = parse_segment_name(p.name)
-        return (parsed[0], parsed[1], p.name) if parsed else (p.name, 0, p.name)
-
-    for p in sorted(logs, key=order):
+    for p in sorted(logs, key=segment_order):
         try:
             for n, _off, raw, _term in iter_lines(Source.of(p)):
+                if wanted is not None and not wanted(raw):
+                    continue
                 try:
                     obj = loads_record(raw)
                 except ValueError:
                     continue
                 if record_error(obj) is None:
                     yield str(p), n, obj
-        except SegmentReadError:
-            continue
+        except SegmentReadError as exc:
+            if errors is not None:
+                errors.append(f"{p}: {exc}")
 
 
 # ------------------------------------------------------------------------------ compression

@@ -450,7 +450,8 @@ class AuditWriter:
 
     def _write_batch(self, items: list[_Item]) -> list[dict]:
         out = []
-        plan = self.keeper.take_plan(self._published) if self.keeper.plan_ready() else None
+        plan = (self.keeper.take_plan(self._published)
+                if self.keeper.plan_ready(self._published) else None)
         if plan is not None:
             self._prune_record(plan)
         for item in items:
@@ -483,7 +484,8 @@ class AuditWriter:
         return records
 
     def _prune_ready(self) -> bool:
-        return self.keeper.plan_ready() and self._failed is None and self._state != "closed"
+        return (self.keeper.plan_ready(self._published) and self._failed is None
+                and self._state != "closed")
 
     def _prune_record(self, plan: PrunePlan) -> None:
         """Say in the chain what retention removes, and the checkpoint the chain continues

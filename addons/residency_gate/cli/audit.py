@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..audit.chain import parse_ts
 from ..audit.keys import AuditKeyError, default_public_keys, load_public_keys, rotate_key
+from ..audit.segments import iter_records
 from ..audit.verify import Report, load_start, verify
 
 SHOW_WINDOW = 10_000  # selected decisions held back waiting for their outcome, at most
@@ -113,8 +114,10 @@ def cmd_verify(args) -> int:
             print(f"origin {origin}: {o.records} records in {len(o.files)} file(s), "
                   f"vouched seq {_ranges(o.vouched)}{anchored}{start}")
         n_err, n_warn = len(report.errors), len(report.warnings)
+        how = ("every record's signature checked" if report.mode == "thorough"
+               else "hash chain and signed checkpoints; --thorough checks every signature")
         print("verified: intact" + (f" ({n_warn} warning(s))" if n_warn else "")
-              if report.ok else f"verification FAILED: {n_err} problem(s)")
+              + f" [{how}]" if report.ok else f"verification FAILED: {n_err} problem(s)")
     return 0 if report.ok else 1
 
 
@@ -182,7 +185,7 @@ def iter_decisions(records: Iterable[tuple[str, int, dict]], args,
     A decision waits for its outcome while fewer than ``window`` selected decisions queue
     behind it; past that it goes out without (counted in ``late``), so memory stays bounded
     whatever the log size. ``waiting`` (decision id -> row) is shared with a caller that
-    reads only the outcomes someone waits for (see _show_records)."""
+    reads only the outcomes someone waits for (see _show_wanted)."""
     keep = decision_filter(args)
     queue: deque[dict] = deque()
     waiting = {} if waiting is None else waiting
@@ -206,47 +209,22 @@ def iter_decisions(records: Iterable[tuple[str, int, dict]], args,
     yield from queue
 
 
-def _show_records(paths: list[Path], args, waiting: dict[str, dict]
-                  ) -> Iterator[tuple[str, int, dict]]:
-    """The records `show` needs, parsing only those: decisions whose line holds the values
-    asked for (--decision, --provider; the filters decide again on the parsed record), and
-    outcomes of decisions that wait for one. A line laid out otherwise is parsed."""
-    from ..audit.canonical import loads_record
-    from ..audit.chain import record_error
-    from ..audit.segments import SegmentReadError, Source, collect_files, iter_lines
-
+def _show_wanted(args, waiting: dict[str, dict]) -> Callable[[bytes], bool]:
+    """Which lines `show` needs parsed: decisions that hold the values asked for
+    (--decision, --provider; the filters decide again on the parsed record), and outcomes
+    of decisions that wait for one. A line laid out otherwise is parsed."""
     needles = [json.dumps(v, ensure_ascii=False).encode()
                for v in (args.decision, args.provider) if v]
-    logs, _ = collect_files(paths)
-    for p in sorted(logs, key=_segment_order):
-        try:
-            for n, _off, raw, _term in iter_lines(Source.of(p)):
-                if b'"kind":"decision"' in raw:
-                    if not all(x in raw for x in needles):
-                        continue
-                elif b'"kind":"outcome"' in raw:
-                    i = raw.find(b'"decision_id":"')
-                    if i >= 0:
-                        did = raw[i + 15:raw.find(b'"', i + 15)].decode("utf-8", "replace")
-                        if did not in waiting:
-                            continue
-                elif b',"kind":"' in raw:
-                    continue  # another kind of record
-                try:
-                    rec = loads_record(raw)
-                except ValueError:
-                    continue
-                if record_error(rec) is None:
-                    yield str(p), n, rec
-        except SegmentReadError as exc:
-            print(f"{p}: {exc}", file=sys.stderr)
 
-
-def _segment_order(p: Path):
-    from ..audit.chain import parse_segment_name
-
-    parsed = parse_segment_name(p.name)
-    return (parsed[0], parsed[1], p.name) if parsed else (p.name, 0, p.name)
+    def wanted(raw: bytes) -> bool:
+        if b'"kind":"decision"' in raw:
+            return all(x in raw for x in needles)
+        if b'"kind":"outcome"' in raw:
+            i = raw.find(b'"decision_id":"')
+            return i < 0 or raw[i + 15:raw.find(b'"', i + 15)].decode(
+                "utf-8", "replace") in waiting
+        return b',"kind":"' not in raw  # another kind of record; else: look
+    return wanted
 
 
 def select_decisions(records, args) -> list[dict]:
@@ -263,14 +241,15 @@ def cmd_show(args) -> int:
     paths = _paths(args)
     late = [0]
     waiting: dict[str, dict] = {}
-    rows = iter_decisions(_show_records(paths, args, waiting), args, late=late,
-                          waiting=waiting)
+    errors: list[str] = []
+    records = iter_records(paths, _show_wanted(args, waiting), errors)
+    rows = iter_decisions(records, args, late=late, waiting=waiting)
     n = 0
     if args.json:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False, sort_keys=True))
             n += 1
-        _show_late(late[0])
+        _show_late(late[0], errors)
         return 0
     cols = [("TIME", 19), ("ID", 16), ("DECISION", 8), ("CLIENT", 15), ("PROVIDER", 12),
             ("MODEL", 18), ("REQUIRE", 10), ("PLACES", 16), ("STATUS", 6), ("CODE", 24),
@@ -291,11 +270,13 @@ def cmd_show(args) -> int:
         print("  ".join(_cell(v, w).ljust(w) for v, (_n, w) in zip(vals, cols, strict=True))
               .rstrip())
     print(f"{n} decision(s)", file=sys.stderr)
-    _show_late(late[0])
+    _show_late(late[0], errors)
     return 0
 
 
-def _show_late(n: int) -> None:
+def _show_late(n: int, errors: list[str]) -> None:
+    for e in errors:
+        print(f"residency-gate audit show: {e}", file=sys.stderr)
     if n:
         print(f"{n} decision(s) shown without their outcome: it came more than "
               f"{SHOW_WINDOW} selected decisions later (narrow with --since/--until)",
