@@ -14,7 +14,8 @@ does. The log is kept in --dir and reused (--regen writes it again).
 
 Each command runs in its own process; the figures are wall time, records per second of wall
 time, records per CPU-second (user + system of the command and its worker processes: the
-per-core rate, independent of other load on the machine) and peak RSS (the largest process).
+per-core rate, steadier than wall time when other work shares the machine) and the
+command's peak RSS.
 """
 
 from __future__ import annotations
@@ -105,24 +106,38 @@ def generate(d: Path, records: int, compress: str) -> float:
     return time.perf_counter() - t0
 
 
+# A process inherits, as its peak RSS, the memory of the process it was forked from (Linux
+# keeps the high-water mark across exec). So commands are started by a small launcher
+# that reports its child's rusage: the figures are the command's own.
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_pid, status, ru = os.wait4(pid, 0)
+sys.stderr.write("\\nRUSAGE " + json.dumps([ru.ru_utime + ru.ru_stime, ru.ru_maxrss,
+                                            os.waitstatus_to_exitcode(status)]) + "\\n")
+"""
+
+
 def run(cmd: list[str]) -> dict:
-    """Run a command; its rusage covers it and the processes it waited for. The --thorough
-    workers are children of multiprocessing's fork server, which nobody here waits for:
-    verify --json reports their CPU itself (worker_cpu_seconds)."""
+    """Run a command: wall time, CPU (it and the processes it waited for), peak RSS. The
+    --thorough workers are children of multiprocessing's fork server, which nobody waits
+    for: verify --json reports their CPU itself (worker_cpu_seconds)."""
+    json_out = "--json" in cmd and "verify" in cmd
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _pid, status, ru = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], stdin=subprocess.DEVNULL,
+                       stdout=out if json_out else subprocess.DEVNULL, stderr=err,
+                       check=False)
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read().decode(errors="replace")
-    cpu = ru.ru_utime + ru.ru_stime
-    if "--json" in cmd and "verify" in cmd:
+    cpu, maxrss_kb, rc = json.loads(stderr.rsplit("RUSAGE ", 1)[1])
+    if json_out:
         cpu += json.loads(stdout).get("worker_cpu_seconds", 0.0)
-    return {"wall": wall, "cpu": cpu, "rss_mb": ru.ru_maxrss / 1024, "rc": proc.returncode,
-            "err": stderr}
+    return {"wall": wall, "cpu": cpu, "rss_mb": maxrss_kb / 1024, "rc": rc, "err": stderr}
 
 
 def count_records(d: Path) -> int:
