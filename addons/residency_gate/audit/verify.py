@@ -68,6 +68,13 @@ from .chain import (
     record_error,
     verify_signature_uncached,
 )
+from .checkpoints import (
+    CheckpointLine,
+    checkpoint_lines,
+    checkpoint_lines_or_none,
+    load_start,
+    start_lines,
+)
 from .keys import key_id_for, public_raw
 from .segments import (
     SegmentReadError,
@@ -200,57 +207,6 @@ def _span(a: int, b: int) -> str:
     return f"{a}" if a == b else f"{a}-{b}"
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class _CpLine:
-    """A structurally valid checkpoint line (checkpoints file, anchor, --from-checkpoint)."""
-
-    src: int
-    source: str
-    lineno: int
-    raw: bytes
-    obj: dict
-
-    @property
-    def size(self) -> int:
-        return self.obj["size"]
-
-
-def _cp_structure_ok(o: Any) -> bool:
-    return (isinstance(o, dict) and o.get("v") == VERSION
-            and isinstance(o.get("origin"), str) and type(o.get("size")) is int
-            and o["size"] >= 0 and isinstance(o.get("head"), str)
-            and isinstance(o.get("key_id"), str))
-
-
-def _cp_lines(src: Source, idx: int) -> Iterator[_CpLine | tuple[int, bytes, bool, str, bool]]:
-    """Valid checkpoint lines, and (line, raw, terminated, error, last) for the others."""
-    lines = iter_lines(src)
-    pending = next(lines, None)
-    while pending is not None:
-        nxt = next(lines, None)
-        lineno, _off, raw, term = pending
-        try:
-            obj = loads_record(raw)
-        except ValueError as exc:
-            yield (lineno, raw, term, str(exc).splitlines()[0][:200], nxt is None)
-        else:
-            if _cp_structure_ok(obj):
-                yield _CpLine(idx, src.name, lineno, raw, obj)
-            else:
-                yield (lineno, raw, term, "", nxt is None)
-        pending = nxt
-
-
-def _safe_cp_lines(src: Source, idx: int) -> Iterator[_CpLine | tuple]:
-    try:
-        yield from _cp_lines(src, idx)
-    except SegmentReadError:
-        return  # reported by scan_checkpoint_files
-
-
 # ---------------------------------------------------------------------------- one origin
 
 
@@ -332,7 +288,7 @@ class _Origin:
     """Walks one origin's segments in chain order."""
 
     def __init__(self, v: _Verifier, oi: int, origin: str, files: list[Source],
-                 start: _CpLine | None, fast: bool) -> None:
+                 start: CheckpointLine | None, fast: bool) -> None:
         self.v = v
         self.oi = oi
         self.origin = origin
@@ -368,9 +324,9 @@ class _Origin:
         self.prunes: list[dict] = []
         self.checks: dict[int, SegmentCheck] = {}  # thorough: worker results per file index
         # external checkpoints, merged with the log as it is read (by size order per source)
-        self.cursors: list[Iterator[_CpLine]] = []
-        self.heads: list[_CpLine | None] = []
-        self.best: dict[int, _CpLine] = {}
+        self.cursors: list[Iterator[CheckpointLine]] = []
+        self.heads: list[CheckpointLine | None] = []
+        self.best: dict[int, CheckpointLine] = {}
         self.cp_next = -1
 
     # -------------------------------------------------------------- problems
@@ -810,7 +766,7 @@ class _Origin:
         h = self.recent.get(seq)
         return h if h is not None else self.cp_hashes.get(seq)
 
-    def _cp_line(self, cp: _CpLine, top: int | None) -> None:
+    def _cp_line(self, cp: CheckpointLine, top: int | None) -> None:
         """Check one checkpoint line against the log read so far (top: the seq reached)."""
         o = cp.obj
         key = (1, cp.src, cp.lineno)
@@ -958,39 +914,39 @@ class _Verifier:
 
     # -------------------------------------------------------------- checkpoint files
 
-    def cp_cursors(self, origin: str) -> Iterator[Iterator[_CpLine]]:
+    def cp_cursors(self, origin: str) -> Iterator[Iterator[CheckpointLine]]:
         """Per checkpoint file, its valid lines of ``origin`` in file order."""
         for idx, src in enumerate(self.cp_sources):
-            yield (x for x in _safe_cp_lines(src, idx)
-                   if isinstance(x, _CpLine) and x.obj["origin"] == origin)
+            yield (x for x in checkpoint_lines_or_none(src, idx)
+                   if isinstance(x, CheckpointLine) and x.obj["origin"] == origin)
 
-    def cp_authentic(self, cp: _CpLine, trusted: dict[str, Ed25519PublicKey],
+    def cp_authentic(self, cp: CheckpointLine, trusted: dict[str, Ed25519PublicKey],
                      key: tuple, add: Callable[..., None] | None = None) -> bool:
         add = add or self.add
         o = cp.obj
         origin = o["origin"]
         if canonical(o) != cp.raw:
             add(key, "not-canonical", "checkpoint line is not canonical JSON",
-                     file=cp.source, line=cp.lineno, origin=origin)
+                file=cp.source, line=cp.lineno, origin=origin)
             return False
         public = trusted.get(o["key_id"])
         if public is None:
             add(key, "unknown-key", f"checkpoint signed with {o['key_id']}, which is not "
-                     "a trusted key", file=cp.source, line=cp.lineno, origin=origin)
+                "a trusted key", file=cp.source, line=cp.lineno, origin=origin)
             return False
         if not verify_signature_uncached(o, public):
             add(key, "bad-signature", "checkpoint signature does not verify",
-                     file=cp.source, line=cp.lineno, origin=origin)
+                file=cp.source, line=cp.lineno, origin=origin)
             return False
         return True
 
     def scan_checkpoint_files(self, origins: set[str]) -> None:
         """Malformed lines, and the checkpoints of origins no log file was given for."""
         for idx, src in enumerate(self.cp_sources):
-            others: dict[str, _CpLine] = {}
+            others: dict[str, CheckpointLine] = {}
             try:
-                for x in _cp_lines(src, idx):
-                    if isinstance(x, _CpLine):
+                for x in checkpoint_lines(src, idx):
+                    if isinstance(x, CheckpointLine):
                         o = x.obj["origin"]
                         if o not in origins and x.size > 0 and (
                                 o not in others or others[o].size < x.size):
@@ -1016,7 +972,7 @@ class _Verifier:
     # -------------------------------------------------------------- logs
 
     def run(self, logs: list[Source], cps: list[Source], anchor: Source | None,
-            starts: list[_CpLine]) -> Report:
+            starts: list[CheckpointLine]) -> Report:
         self.cp_sources = list(cps) + ([anchor] if anchor is not None else [])
         self.anchor_idx = len(cps) if anchor is not None else -1
         self.report.anchor = anchor.name if anchor is not None else None
@@ -1088,8 +1044,8 @@ class _Verifier:
                 8 if s.name.endswith((".zst", ".gz")) else 1)
         return total >= PARALLEL_MIN_BYTES
 
-    def _start_for(self, origin: str, starts: list[_CpLine], first_seq: int | None
-                   ) -> _CpLine | None:
+    def _start_for(self, origin: str, starts: list[CheckpointLine], first_seq: int | None
+                   ) -> CheckpointLine | None:
         """The trusted checkpoint the oldest remaining segment continues from, if any."""
         if not first_seq:
             return None
@@ -1122,35 +1078,6 @@ class _Verifier:
                          f"{src.path.name} but does not hold the same bytes", file=str(twin))
 
 
-def load_start(text: str) -> list[dict]:
-    """--from-checkpoint: a file of signed checkpoint lines (an anchor or checkpoints file,
-    or one line cut from it), or one such line itself. Raises ValueError."""
-    text = text.strip()
-    data = text.encode() if text.startswith("{") else Path(text).read_bytes()
-    out = []
-    for n, raw in enumerate(data.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = loads_record(raw.strip())
-        except ValueError as exc:
-            raise ValueError(f"line {n}: not a checkpoint line: {exc}") from None
-        if not _cp_structure_ok(obj):
-            raise ValueError(f"line {n}: not a signed checkpoint line")
-        out.append(obj)
-    if not out:
-        raise ValueError("no checkpoint line")
-    return out
-
-
-def _start_lines(starts: Iterable[dict] | None) -> list[_CpLine]:
-    out = []
-    for i, o in enumerate(starts or ()):
-        raw = canonical(o)
-        out.append(_CpLine(-1, "--from-checkpoint", i + 1, raw, o))
-    return out
-
-
 def verify_sources(logs: list[Source], checkpoints: list[Source],
                    pubkeys: dict[str, Ed25519PublicKey] | None, anchor: Source | None = None,
                    *, thorough: bool = False, jobs: int | None = None,
@@ -1159,7 +1086,7 @@ def verify_sources(logs: list[Source], checkpoints: list[Source],
     v = _Verifier(pubkeys, thorough=thorough, jobs=jobs, on_record=on_record)
     if collect_records:
         v.collected = []
-    report = v.run(logs, checkpoints, anchor, _start_lines(start))
+    report = v.run(logs, checkpoints, anchor, start_lines(start))
     report.records = v.collected
     return report
 
