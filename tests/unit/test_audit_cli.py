@@ -271,3 +271,30 @@ def test_rotate_key_cli(env, capsys):
 def test_parse_time():
     assert parse_time("2026-11-28T07:24:10Z").year == 2026
     assert parse_time("2026-11-28").hour == 0
+
+
+def test_report_counts_report_mode_and_lists_config_records(tmp_path, capsys, key, certs):
+    d = tmp_path / "audit"
+    w = AuditWriter(d, key, ORIGIN)
+    w.open()
+    w.append_batch([
+        ("config", {"revisions": {"catalog": "c1", "config": "k1"}, "config_file": "gw.yaml",
+                    "catalog_files": [], "reason": "start"}),
+        ("decision", {"client": "10.0.0.1", "user": None, "provider": "openai",
+                      "requirement": ["eu"], "decision": "block", "enforced": False,
+                      "code": "outside_requirement", "status": 0, "reason": "would block",
+                      "revisions": {"catalog": "c1", "config": "k1"}}),
+        ("decision", {"client": "10.0.0.2", "user": None, "provider": "openai",
+                      "requirement": ["eu"], "decision": "block", "enforced": True,
+                      "code": "outside_requirement", "status": 451, "reason": "blocked"}),
+    ])
+    w.close_sync()
+    html_file = tmp_path / "r.html"
+    rc, out, _ = cli(capsys, "report", str(d), "--html", str(html_file),
+                     "--pubkey", str(certs / "audit-signing-key.pub.pem"))
+    page = html_file.read_text()
+    assert rc == 0 and "2 decision(s), 1 blocked" in out  # report mode is not a block
+    assert "Configuration in force (1 config record(s))" in page
+    assert "catalog c1, config k1" in page and "gw.yaml" in page
+    assert 'data-label="report (not enforced)">1<' in page  # counted apart from blocks
+    assert 'data-label="block">1<' in page and "Blocked flows (1)" in page
