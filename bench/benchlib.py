@@ -293,6 +293,8 @@ def rg_config(workdir: Path, fake: FakeServer, port: int, extra: dict | None = N
         "upstream_ca": str(fake.ca_pem),
         "resolve": {h: f"127.0.0.1:{fake.port}" for h in fake.hosts},
         "audit": {"dir": str(workdir / "audit")},
+        # the clients CONNECT to the fake's port, which CONNECT may only reach when allowed
+        "access": {"connect_ports": [443, fake.port]},
     }
     cfg.update(extra or {})
     path = workdir / "residency-gate.yaml"

@@ -34,8 +34,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from residency_gate.audit.canonical import canonical, parse
-from residency_gate.audit.chain import ZERO_HASH, line_hash, sign_record
+from residency_gate.audit.chain import ZERO_HASH, line_hash, logical_name, sign_record
 from residency_gate.audit.keys import SigningKey
+from residency_gate.audit.segments import compress_segment, read_segment
 
 from .conftest import RESIDENCY_GATE, TAG_HEADER, Proxy
 from .fakeprovider import FakeProvider, free_port
@@ -101,20 +102,31 @@ EXPECTED_STATUS = {None: 200, "eu": 451, "atlantis": 400}
 
 def verify_cli(*paths: Path, pubkey: Path, anchor: Path | None = None,
                cwd: Path | None = None) -> tuple[int, dict[str, Any]]:
-    """`residency-gate audit verify PATH... --pubkey K [--anchor A] --json` -> (exit, report)."""
+    """`residency-gate audit verify PATH... --pubkey K [--anchor A] --json` -> (exit, report),
+    run in both modes (default, and --thorough): they must give the same verdicts."""
     cmd = [str(RESIDENCY_GATE), "audit", "verify", *map(str, paths), "--pubkey", str(pubkey),
            "--json"]
     if anchor is not None:
         cmd += ["--anchor", str(anchor)]
-    p = subprocess.run(cmd, capture_output=True, timeout=60, cwd=cwd or paths[0].parent,
-                       stdin=subprocess.DEVNULL)
-    assert p.returncode in (0, 1), f"{cmd}: exit {p.returncode}\n{p.stderr.decode()}"
-    try:
-        report = json.loads(p.stdout)
-    except ValueError:
-        pytest.fail(f"{cmd}: not JSON:\n{p.stdout.decode()}\n{p.stderr.decode()}")
-    assert report["ok"] is (p.returncode == 0), report
-    return p.returncode, report
+    results = []
+    for mode in ([], ["--thorough"]):
+        p = subprocess.run(cmd + mode, capture_output=True, timeout=60,
+                           cwd=cwd or paths[0].parent, stdin=subprocess.DEVNULL)
+        assert p.returncode in (0, 1), f"{cmd}: exit {p.returncode}\n{p.stderr.decode()}"
+        try:
+            report = json.loads(p.stdout)
+        except ValueError:
+            pytest.fail(f"{cmd}: not JSON:\n{p.stdout.decode()}\n{p.stderr.decode()}")
+        assert report["ok"] is (p.returncode == 0), report
+        results.append((p.returncode, report))
+    (rc, report), (rc_t, thorough) = results
+    assert thorough["mode"] == "thorough" and report["mode"] == "default"
+    assert (rc_t, thorough["problems"]) == (rc, report["problems"]), "modes disagree"
+    for o, r in report["origins"].items():
+        t = thorough["origins"][o]
+        for k in ("vouched", "anchored_size", "records", "keys", "start"):
+            assert t[k] == r[k], (o, k, t[k], r[k])
+    return rc, report
 
 
 def errors(report: dict[str, Any]) -> list[tuple[str, int | None]]:
@@ -126,15 +138,23 @@ def warnings(report: dict[str, Any]) -> list[tuple[str, int | None]]:
 
 
 def segments(d: Path, origin: str = ORIGIN) -> list[Path]:
-    return sorted(d.glob(f"{origin}-*.jsonl"))  # names sort in chain order
+    """Plain and compressed segments; names sort in chain order."""
+    return sorted(f for f in d.glob(f"{origin}-*.jsonl*") if not f.name.endswith(".tmp"))
 
 
 def lines_of(f: Path) -> list[bytes]:
-    return f.read_bytes().splitlines()
+    return read_segment(f).splitlines()
 
 
 def write_lines(f: Path, lines: list[bytes]) -> None:
-    f.write_bytes(b"".join(x + b"\n" for x in lines))
+    """Rewrite a segment's content, compressed again if it was."""
+    data = b"".join(x + b"\n" for x in lines)
+    if f.name == logical_name(f.name):
+        f.write_bytes(data)
+        return
+    plain = f.with_name(logical_name(f.name))
+    plain.write_bytes(data)
+    compress_segment(plain, "zstd" if f.name.endswith(".zst") else "gzip")
 
 
 def records(d: Path, origin: str = ORIGIN) -> list[dict[str, Any]]:
@@ -187,11 +207,12 @@ def seq_of(audit_id: str) -> int:
 
 
 def all_bytes(*paths: Path) -> bytes:
+    """Every byte of the audit files, compressed segments decompressed."""
     out = b""
     for p in paths:
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
-            out += f.read_bytes()
+            out += read_segment(f) if f.name.endswith((".zst", ".gz")) else f.read_bytes()
     return out
 
 
@@ -278,6 +299,9 @@ def test_real_traffic_log_verifies_ids_match_no_secrets(trail: Trail) -> None:
     assert o["vouched"] == [[0, last]]
     assert o["anchored_size"] == last + 1, "the anchor does not cover the whole log"
     assert len(o["files"]) >= 4, f"expected a rotation series, got {o['files']}"
+    # the writer compressed rotated segments (audit.compress: zstd, the default): the
+    # tamper cases below run on those
+    assert len([f for f in o["files"] if f.endswith(".jsonl.zst")]) >= 2, o["files"]
     # the human-readable form agrees
     p = subprocess.run([str(RESIDENCY_GATE), "audit", "verify", str(trail.audit), "--pubkey",
                         str(trail.pubkey)], capture_output=True, text=True, timeout=60,
@@ -483,7 +507,7 @@ def test_06_middle_segment_deleted(trail: Trail, copy: tuple[Path, Path]) -> Non
     rc, rep = verify_cli(d, pubkey=trail.pubkey, anchor=anchor)
     assert rc == 1 and errors(rep) == [("missing-file", next_first)]
     msg = rep["problems"][0]["message"]
-    assert f"{first_missing}-{next_first - 1}" in msg and middle.name in msg
+    assert f"{first_missing}-{next_first - 1}" in msg and logical_name(middle.name) in msg
 
 
 def test_07_directory_restored_from_older_copy(trail: Trail, copy: tuple[Path, Path]) -> None:
@@ -502,9 +526,12 @@ def test_07_one_segment_restored_from_older_copy(trail: Trail, copy: tuple[Path,
     """Run 2 appended to the segment run 1 ended in; restore that segment alone."""
     d, anchor = copy
     seg = segments(trail.old)[-1]
-    assert (d / seg.name).read_bytes() != seg.read_bytes(), "run 2 did not append to it"
+    now = next(f for f in segments(d) if logical_name(f.name) == logical_name(seg.name))
+    assert read_segment(now) != read_segment(seg), "run 2 did not append to it"
+    now.unlink()
     shutil.copy(seg, d / seg.name)
-    after = next(f for f in segments(d) if f.name > seg.name)
+    after = next(f for f in segments(d)
+                 if logical_name(f.name) > logical_name(seg.name))
     first_after = parse(lines_of(after)[0])["seq"]
     rc, rep = verify_cli(d, pubkey=trail.pubkey, anchor=anchor)
     assert rc == 1
@@ -809,3 +836,41 @@ def test_write_failure_refuses_llm_traffic_and_reports_unready(
     assert rc == 0 and errors(rep) == [], rep["problems"]
     ids = {r.get("id") for r in records(proxy.audit_dir, "e2e-ready")}
     assert {s.audit_id for s in ok} <= ids
+
+
+# ---------------------------------------------------------------------------
+# 5. the report a security lead opens, of the proxy's own trail, one record forged
+
+
+def test_report_of_a_tampered_trail_rendered_in_chromium(trail: Trail, copy: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    from chromium import Browser
+
+    d, anchor = copy
+    s = pick(d, is_blocked_decision)
+    _edit(b'"decision":"block"', b'"decision":"allow"')(d, s)
+    page = tmp_path / "report.html"
+    p = subprocess.run([str(RESIDENCY_GATE), "audit", "report", str(d), "--html", str(page),
+                        "--pubkey", str(trail.pubkey), "--anchor", str(anchor)],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and "1 record(s) did not verify" in p.stdout, p.stdout + p.stderr
+    blocked = sum(1 for x in trail.sent if x.decision == "block")
+    allowed = sum(1 for x in trail.sent if x.decision == "allow")
+    views = {}
+    with Browser() as b:
+        for width in (1280, 390):
+            v = views[width] = b.render(page, width, screenshot=tmp_path / f"r{width}.png")
+            assert v["title"].startswith("VERIFICATION FAILED"), v["title"]
+            assert v["first"].startswith("VERIFICATION FAILED") and v["first_top"] < 40
+            assert "bad-signature" in v["first"]
+            assert v["scroll_width"] <= v["inner_width"], f"wider than {width} px"
+    text = views[1280]["text"]
+    # the forged allow is counted neither as an allow nor, altered, as a block
+    assert "Records that did not verify (1)" in text
+    assert f"Blocked flows ({blocked - 1})" in text
+    counts = text[text.index(f"Decisions ({len(trail.sent) - 1})"):].splitlines()
+    assert [str(allowed), str(blocked - 1), "0", "0", str(len(trail.sent) - 1)] in [
+        line.split() for line in counts[:6]], counts[:6]
+    unverified = text[text.index("Records that did not verify"):]
+    assert f"did not verify\t{s}\tdecision\tallow" in unverified
+    assert "covers seq 0-" in text  # the anchor given vouched for the log (up to the edit)

@@ -20,7 +20,8 @@ VERSION = 1
 ZERO_HASH = "0" * 64
 RESERVED = frozenset({"v", "origin", "seq", "ts", "kind", "prev", "key_id", "sig"})
 CHECKPOINTS_PREFIX = "checkpoints-"
-SEGMENT_RE = re.compile(r"^(?P<origin>[A-Za-z0-9._-]+)-(?P<seq>\d{12})\.jsonl$")
+COMPRESSED_SUFFIXES = (".zst", ".gz")
+SEGMENT_RE = re.compile(r"^(?P<origin>[A-Za-z0-9._-]+)-(?P<seq>\d{12})\.jsonl(?:\.zst|\.gz)?$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -37,7 +38,16 @@ def checkpoints_name(origin: str) -> str:
     return f"{CHECKPOINTS_PREFIX}{origin_safe(origin)}.jsonl"
 
 
+def logical_name(name: str) -> str:
+    """A segment's name without its compression suffix: ``gw-000000000000.jsonl``."""
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def parse_segment_name(name: str) -> tuple[str, int] | None:
+    """(origin as in file names, first seq) of a plain or compressed segment name."""
     m = SEGMENT_RE.match(name)
     if not m or name.startswith(CHECKPOINTS_PREFIX):
         return None
@@ -75,6 +85,27 @@ def b64_strict(text: Any) -> bytes | None:
     return raw if base64.b64encode(raw).decode("ascii") == text else None
 
 
+_REQUIRED: dict[str, type] = {
+    "origin": str, "seq": int, "ts": str, "kind": str, "prev": str, "key_id": str, "sig": str,
+}
+
+
+def record_error(obj: Any) -> str | None:
+    """Why ``obj`` is not an audit record (missing or malformed chain fields), or None."""
+    if type(obj) is not dict:
+        return "not a JSON object"
+    if obj.get("v") != VERSION:
+        return f"unsupported or missing version v={obj.get('v')!r}"
+    for name, typ in _REQUIRED.items():
+        if type(obj.get(name)) is not typ:
+            return f"missing or malformed field {name!r}"
+    if obj["seq"] < 0:
+        return "negative seq"
+    if not HEX64_RE.match(obj["prev"]):
+        return "prev is not 64 lower-case hex digits"
+    return None
+
+
 def sign_record(record: dict, key: SigningKey, *, plain: bool = False) -> bytes:
     """Add ``sig`` to ``record`` (in place) and return its canonical line (no newline).
 
@@ -95,6 +126,18 @@ def _verify_cached(pub: bytes, message: bytes, sig: bytes) -> bool:
     try:
         Ed25519PublicKey.from_public_bytes(pub).verify(sig, message)
     except InvalidSignature:
+        return False
+    return True
+
+
+def verify_signature_uncached(record: dict, public: Ed25519PublicKey) -> bool:
+    """verify_signature without the cache (the verifier sees each record once)."""
+    sig = b64_strict(record.get("sig"))
+    if sig is None or len(sig) != 64:
+        return False
+    try:
+        public.verify(sig, signed_body(record))
+    except (InvalidSignature, ValueError):
         return False
     return True
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..catalog.config import AuditConfig
+from .housekeeping import Retention
 from .keys import load_or_create_signing_key
 from .resilient import ResilientAudit
 from .writer import AuditWriter
@@ -47,7 +48,7 @@ def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None,
     settings: dict[str, Any] = dict(
         fsync=audit.fsync, rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
         checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
-        anchor_file=audit.anchor)
+        anchor_file=audit.anchor, compress=audit.compress, retention=_retention(audit))
     origin = origin or audit.origin
     if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1":
         writer = AuditWriter(audit.dir, key, origin, **settings)
@@ -57,3 +58,8 @@ def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None,
                           audit.writer_restarts, on_restart)
     sink.open()
     return sink
+
+
+def _retention(audit: AuditConfig) -> Retention | None:
+    r = audit.retention
+    return None if r is None else Retention(r.max_age_days, r.max_bytes, r.archive_dir)

@@ -27,6 +27,7 @@ from typing import Any
 from ..fileio import fsync_dir
 from .canonical import CanonicalError, canonical, is_plain, parse
 from .chain import (
+    COMPRESSED_SUFFIXES,
     HEX64_RE,
     RESERVED,
     VERSION,
@@ -41,7 +42,9 @@ from .chain import (
     utc_ts,
     verify_signature,
 )
+from .housekeeping import Housekeeper, PrunePlan, Retention
 from .keys import SigningKey, public_raw
+from .segments import read_segment
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -68,6 +71,7 @@ class AuditStats:
     rotations: int = 0
     torn_tails: int = 0           # torn tails found and recorded at open
     pending: int = 0              # appends waiting for the next group commit
+    prunes: int = 0               # prune records written (retention)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,12 +111,17 @@ class AuditWriter:
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
         anchor_file: Path | None = None,
+        compress: str = "none",
+        retention: Retention | None = None,
     ) -> None:
         if fsync not in ("group", "always"):
             raise ValueError(f"fsync must be 'group' or 'always', not {fsync!r}")
         if not origin:
             raise ValueError("origin must not be empty")
         self.directory = Path(directory)
+        # rotated segments: compressed and pruned by a background thread (housekeeping.py)
+        self.keeper = Housekeeper(self.directory, origin, compress, retention)
+        self._published = 0  # size of the newest checkpoint appended to every checkpoint file
         self.key = key
         self.origin = origin
         self.fsync_mode = fsync
@@ -141,6 +150,7 @@ class AuditWriter:
         self._last_cp = time.monotonic()
         self._buf: list[bytes] = []
         self._ext_pending: list[bytes] = []
+        self._ext_pending_size = 0
         self._ext_needs_newline: dict[Path, bool] = {}
         # event-loop side
         self._pending: list[_Item] = []
@@ -185,6 +195,7 @@ class AuditWriter:
             self._emit("start", {"pid": self.pid, "host": socket.gethostname(),
                                  "fsync": self.fsync_mode})
             self._sync()
+            self._published = max(self._published, self._published_at_open())
         except AuditError:
             self._close_fd()
             raise
@@ -196,10 +207,16 @@ class AuditWriter:
             raise AuditError(f"cannot open audit log in {self.directory}: {exc}") from exc
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
         self._state = "open"
+        if self.keeper.needed:
+            assert self._path is not None
+            self.keeper.start(self._path)
 
     def checkpoint_due_in(self) -> float | None:
         """Seconds until a time checkpoint is due (0: now); None when there is nothing to
-        checkpoint. For a caller of append_batch, which writes it: when to call it idle."""
+        checkpoint. For a caller of append_batch, which writes it: when to call it idle.
+        Also 0 when a prune record is ready to be written."""
+        if self._prune_ready():
+            return 0.0
         if self._since_cp <= 0:
             return None
         return max(0.0, self._last_cp + self.checkpoint_seconds - time.monotonic())
@@ -225,7 +242,8 @@ class AuditWriter:
                 continue
             slots.append(len(items))
             items.append(item)
-        records = self._commit(items) if items or self._cp_time_due() else []
+        records = (self._commit(items) if items or self._cp_time_due() or self._prune_ready()
+                   else [])
         return [records[s] if isinstance(s, int) else s for s in slots]
 
     def rotate_key_sync(self, new_key: SigningKey) -> dict:
@@ -295,6 +313,7 @@ class AuditWriter:
         finally:
             self._close_fd()
             self._shutdown_executor()
+            self.keeper.stop()
 
     def close_sync(self) -> None:
         """Like close(), for when no event loop is running."""
@@ -322,6 +341,7 @@ class AuditWriter:
                     pass
             self._close_fd()
             self._shutdown_executor()
+            self.keeper.stop()
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -378,7 +398,7 @@ class AuditWriter:
             if self._failed is not None:
                 self._fail_items(batch)
                 continue
-            if not batch and not self._cp_time_due():
+            if not batch and not self._cp_time_due() and not self._prune_ready():
                 continue
             t0 = time.perf_counter()
             try:
@@ -430,6 +450,10 @@ class AuditWriter:
 
     def _write_batch(self, items: list[_Item]) -> list[dict]:
         out = []
+        plan = (self.keeper.take_plan(self._published)
+                if self.keeper.plan_ready(self._published) else None)
+        if plan is not None:
+            self._prune_record(plan)
         for item in items:
             if self._rotation_due():
                 self._rotate()
@@ -444,6 +468,8 @@ class AuditWriter:
         if self._cp_time_due():
             self._checkpoint()
         self._sync()
+        if plan is not None:
+            self.keeper.execute(plan)  # its record is durable: now the files may go
         self.stats.batches += 1
         self.stats.last_batch_size = len(items)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(items))
@@ -456,6 +482,18 @@ class AuditWriter:
         self._sync()
         self._close_fd()
         return records
+
+    def _prune_ready(self) -> bool:
+        return (self.keeper.plan_ready(self._published) and self._failed is None
+                and self._state != "closed")
+
+    def _prune_record(self, plan: PrunePlan) -> None:
+        """Say in the chain what retention removes, and the checkpoint the chain continues
+        from, before the files go (a verifier tells pruning from deletion by this record)."""
+        self._emit("prune", plan.fields())
+        self.stats.prunes += 1
+        log.info("audit retention: prune record seq %d: records %d-%d (%d segment(s))",
+                 self._seq - 1, plan.first, plan.through, len(plan.segments))
 
     def _cp_time_due(self) -> bool:
         return self._since_cp > 0 and time.monotonic() - self._last_cp >= self.checkpoint_seconds
@@ -504,6 +542,7 @@ class AuditWriter:
         ext = {"v": VERSION, "origin": self.origin, "size": self._seq, "head": self._prev,
                "ts": rec["ts"], "key_id": self.key.key_id}
         self._ext_pending.append(sign_record(ext, self.key) + b"\n")
+        self._ext_pending_size = self._seq
         self._since_cp = 0
         self._last_cp = time.monotonic()
         self.stats.checkpoints += 1
@@ -527,6 +566,7 @@ class AuditWriter:
             self._append_ext(self.checkpoints_file, lines)
             if self.anchor_file:
                 self._append_ext(self.anchor_file, lines)
+            self._published = max(self._published, self._ext_pending_size)
 
     def _check_ext_file(self, path: Path) -> None:
         """Remember whether an external checkpoint file ends in a torn line."""
@@ -572,7 +612,10 @@ class AuditWriter:
             self._checkpoint()
         self._sync()
         self._close_fd()
-        self._open_segment(self.directory / segment_name(self.origin, self._seq), create=True)
+        new = self.directory / segment_name(self.origin, self._seq)
+        if self.keeper.needed:  # before it exists: housekeeping never touches it
+            self.keeper.rotated(new)
+        self._open_segment(new, create=True)
         self._file_records = 0
         self._file_started = time.time()
         self.stats.rotations += 1
@@ -588,13 +631,25 @@ class AuditWriter:
     # ------------------------------------------------------------------ recovery (open)
 
     def _segments(self) -> list[tuple[int, Path]]:
+        """This origin's segments in chain order; one per first seq (plain before a
+        compressed copy of it, as left by a crash mid-compression)."""
         safe = origin_safe(self.origin)
-        out = []
+        found: dict[int, Path] = {}
         for path in self.directory.iterdir():
             parsed = parse_segment_name(path.name)
-            if parsed and parsed[0] == safe and path.is_file():
-                out.append((parsed[1], path))
-        return sorted(out)
+            if parsed and parsed[0] == safe and path.is_file() and (
+                    parsed[1] not in found
+                    or found[parsed[1]].name.endswith(COMPRESSED_SUFFIXES)):
+                found[parsed[1]] = path
+        return sorted(found.items())
+
+    def _published_at_open(self) -> int:
+        """The size of the newest checkpoint in every checkpoint file (what retention may
+        rely on), as found at open."""
+        sizes = [_last_checkpoint_size(self.checkpoints_file, self.origin)]
+        if self.anchor_file:
+            sizes.append(_last_checkpoint_size(self.anchor_file, self.origin))
+        return min(sizes)
 
     def _known_keys(self) -> dict:
         keys = {self.key.key_id: self.key.public}
@@ -652,7 +707,7 @@ class AuditWriter:
         last = None        # (record, hash, end, needs_newline, path)
         last_data = b""
         for _first, path in reversed(segments):
-            data = path.read_bytes()
+            data = read_segment(path)
             if path == segments[-1][1]:
                 last_data = data
             found = self._last_valid(data, keys, path)
@@ -672,6 +727,8 @@ class AuditWriter:
         damage_offset = 0
         if last_path is None:
             target, create = self.directory / segment_name(self.origin, 0), True
+        elif last_path.name.endswith(COMPRESSED_SUFFIXES):  # closed for good: start a new one
+            target, create = self.directory / segment_name(self.origin, self._seq), True
         elif last is not None and last[4] == last_path:
             target, create, damage_offset = last_path, False, last[2]
         elif segments[-1][0] == self._seq:
@@ -724,3 +781,24 @@ class AuditWriter:
             self._hand_over(new)
 
 
+
+
+def _last_checkpoint_size(path: Path, origin: str, limit: int = 1 << 20) -> int:
+    """``size`` of the last complete checkpoint line of ``origin`` in ``path`` (0: none),
+    reading at most ``limit`` bytes from the end."""
+    try:
+        with open(path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, end - limit))
+            data = fh.read()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(data.split(b"\n")):
+        try:
+            obj = parse(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get("origin") == origin \
+                and type(obj.get("size")) is int:
+            return obj["size"]
+    return 0

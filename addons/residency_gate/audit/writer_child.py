@@ -5,7 +5,8 @@ Unix socketpair. Everything the in-process :class:`AuditWriter` does on its work
 (recovery at open, building, canonicalising, signing, chaining and writing records, group
 commit fsync, rotation, checkpoints, the anchor file) happens here, through AuditWriter's
 synchronous API (``open``, ``append_batch``, ``rotate_key_sync``, ``close_sync``), so it
-costs the proxy's event loop neither CPU nor the GIL.
+costs the proxy's event loop neither CPU nor the GIL. So do compression and retention of
+rotated segments (AuditWriter's background thread, housekeeping.py).
 
 Protocol: messages framed as :class:`multiprocessing.connection.Connection` frames them (a
 4-byte big-endian length, then the payload), each payload a ``marshal``-ed tuple.
@@ -53,6 +54,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .chain import origin_safe
+from .housekeeping import Retention
 from .keys import SigningKey
 from .writer import AuditError, AuditRecordError, AuditWriter
 
@@ -109,6 +111,8 @@ class _Child:
             checkpoint_every=cfg["checkpoint_every"],
             checkpoint_seconds=cfg["checkpoint_seconds"],
             anchor_file=Path(cfg["anchor_file"]) if cfg.get("anchor_file") else None,
+            compress=cfg.get("compress", "none"),
+            retention=_retention(cfg.get("retention")),
         )
         w.pid = cfg.get("pid") or os.getpid()
         try:
@@ -190,6 +194,13 @@ class _Child:
         self.reply(("F", what, f"{type(exc).__name__}: {exc} "
                                f"({w.current_file or w.directory})"))
         return 2
+
+
+def _retention(raw: tuple | None) -> Retention | None:
+    if raw is None:
+        return None
+    age, size, archive = raw
+    return Retention(age, size, Path(archive) if archive else None)
 
 
 def _result(rec: dict | AuditRecordError) -> tuple | dict | str:

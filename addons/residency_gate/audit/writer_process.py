@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .canonical import CanonicalError, canonical
 from .chain import RESERVED, VERSION
+from .housekeeping import Retention
 from .keys import SigningKey
 from .writer import AuditError, AuditRecordError, AuditStats
 from .writer_child import MAX_FRAME
@@ -72,6 +73,8 @@ class ProcessAuditWriter:
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
         anchor_file: Path | None = None,
+        compress: str = "none",
+        retention: Retention | None = None,
         ack_timeout: float = 10.0,
         start_timeout: float = 60.0,
     ) -> None:
@@ -93,6 +96,10 @@ class ProcessAuditWriter:
             "checkpoint_seconds": float(checkpoint_seconds),
             "anchor_file": str(self.anchor_file) if self.anchor_file else None,
             "lock_timeout": float(start_timeout) / 2,
+            "compress": compress,
+            "retention": None if retention is None else (
+                retention.max_age_days, retention.max_bytes,
+                str(retention.archive_dir) if retention.archive_dir else None),
         }
         self._stats = AuditStats()
         self._state = "new"  # new -> open -> closing -> closed

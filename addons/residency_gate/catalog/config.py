@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "audit": {"dir": "var/audit", "fsync": "group", "origin": None, "rotate_bytes": 64 << 20,
               "rotate_seconds": 86400, "checkpoint_every": 1000, "checkpoint_seconds": 60,
               "anchor": None, "inventory_seconds": 60, "writer_restarts": 5,
-              "fail_healthz": True},
+              "fail_healthz": True, "compress": "zstd",
+              "retention": {"max_age_days": None, "max_bytes": None, "archive_dir": None}},
     "limits": {
         "request_body_bytes": 32 << 20, "request_body_decoded_bytes": 32 << 20,
         "request_body_ratio": 100, "decision_timeout_seconds": 10.0,
@@ -152,6 +153,15 @@ class AuditConfig:
     inventory_seconds: int = 60  # AI-app connections are counted, then recorded this often
     writer_restarts: int = 5  # a writer process that dies is restarted this often in a row
     fail_healthz: bool = True  # /healthz 503 once the audit writer failed for good
+    compress: str = "zstd"
+    retention: AuditRetentionConfig | None = None  # None: keep every segment
+
+
+@dataclass(frozen=True)
+class AuditRetentionConfig:
+    max_age_days: int | None
+    max_bytes: int | None
+    archive_dir: Path | None
 
 
 @dataclass(frozen=True)
@@ -278,6 +288,7 @@ def load_config(path: Path | None) -> Config:
             region=names_list(p["region"]), models=dict(p["models"]),
             api_key_env=p.get("api_key_env")))
     audit = d["audit"]
+    retention = {**DEFAULTS["audit"]["retention"], **(audit.get("retention") or {})}
     listen = hostport("listen", d["listen"])
     access = _access(doc, d, listen, problems)
     config = Config(
@@ -312,7 +323,11 @@ def load_config(path: Path | None) -> Config:
             checkpoint_every=audit["checkpoint_every"],
             checkpoint_seconds=audit["checkpoint_seconds"], anchor=rel(audit["anchor"]),
             inventory_seconds=audit["inventory_seconds"],
-            writer_restarts=audit["writer_restarts"], fail_healthz=audit["fail_healthz"]),
+            writer_restarts=audit["writer_restarts"], fail_healthz=audit["fail_healthz"],
+            compress=audit["compress"],
+            retention=None if retention["max_age_days"] is None and retention["max_bytes"] is None
+            else AuditRetentionConfig(retention["max_age_days"], retention["max_bytes"],
+                                      rel(retention["archive_dir"]))),
         request_body_bytes=d["limits"]["request_body_bytes"],
         decision_timeout=float(d["limits"]["decision_timeout_seconds"]),
         limits=Limits(**d["limits"]),

@@ -6,13 +6,18 @@ import argparse
 import json
 import re
 import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
 from ..audit.chain import parse_ts
 from ..audit.keys import AuditKeyError, default_public_keys, load_public_keys, rotate_key
-from ..audit.verify import Report, iter_records, verify
+from ..audit.segments import iter_records
+from ..audit.verify import Report, load_start, verify
+
+SHOW_WINDOW = 10_000  # selected decisions held back waiting for their outcome, at most
 
 
 class UsageError(Exception):
@@ -66,14 +71,25 @@ def _trusted_keys(args) -> dict:
     return keys
 
 
-def _run_verify(args, collect: bool = False) -> Report:
+def _run_verify(args, on_record=None, keys: dict | None = None) -> Report:
     paths = _paths(args)
     anchor = getattr(args, "anchor", None)
     if anchor and not Path(anchor).is_file():
         raise UsageError(f"{anchor}: no such anchor file")
+    start = None
+    if getattr(args, "from_checkpoint", None):
+        try:
+            start = load_start(args.from_checkpoint)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--from-checkpoint: {exc}") from None
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     try:
-        return verify(paths, _trusted_keys(args), Path(anchor) if anchor else None,
-                      collect_records=collect)
+        return verify(paths, keys if keys is not None else _trusted_keys(args),
+                      Path(anchor) if anchor else None,
+                      thorough=getattr(args, "thorough", False), jobs=jobs, start=start,
+                      on_record=on_record)
     except OSError as exc:
         raise UsageError(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}") from None
 
@@ -89,14 +105,19 @@ def cmd_verify(args) -> int:
     else:
         for p in report.problems:
             print(p.text())
+        if report.problems_not_listed:
+            print(f"... and {report.problems_not_listed} more problem(s) not listed")
         for origin, o in report.origins.items():
             anchored = (f", signed checkpoint covers seq 0-{o.anchored_size - 1}"
                         if o.anchored_size else ", no signed checkpoint covers it")
+            start = f", verified from seq {o.start['size']}" if o.start else ""
             print(f"origin {origin}: {o.records} records in {len(o.files)} file(s), "
-                  f"vouched seq {_ranges(o.vouched)}{anchored}")
+                  f"vouched seq {_ranges(o.vouched)}{anchored}{start}")
         n_err, n_warn = len(report.errors), len(report.warnings)
+        how = ("every record's signature checked" if report.mode == "thorough"
+               else "hash chain and signed checkpoints; --thorough checks every signature")
         print("verified: intact" + (f" ({n_warn} warning(s))" if n_warn else "")
-              if report.ok else f"verification FAILED: {n_err} problem(s)")
+              + f" [{how}]" if report.ok else f"verification FAILED: {n_err} problem(s)")
     return 0 if report.ok else 1
 
 
@@ -126,37 +147,89 @@ def _as_list(v) -> list[str]:
     return [str(x) for x in v] if isinstance(v, list) else [str(v)]
 
 
-def select_decisions(records, args) -> list[dict]:
+def decision_filter(args) -> Callable[[dict], bool]:
+    """The --decision/--provider/--requirement/--client/--since/--until filters."""
     since = parse_time(args.since) if getattr(args, "since", None) else None
     until = parse_time(args.until) if getattr(args, "until", None) else None
-    outcomes: dict[str, dict] = {}
-    decisions: list[dict] = []
-    for _file, _line, rec in records:
-        if rec.get("kind") == "outcome" and isinstance(rec.get("decision_id"), str):
-            outcomes[rec["decision_id"]] = rec
-        elif rec.get("kind") == "decision":
-            decisions.append(rec)
-    out = []
-    for rec in decisions:
+    if getattr(args, "client", None) and "/" in args.client:
+        _client_matches({}, args.client)  # a bad network is a usage error now, not later
+
+    def keep(rec: dict) -> bool:
         if args.decision and rec.get("decision") != args.decision:
-            continue
+            return False
         if args.provider and rec.get("provider") != args.provider:
-            continue
+            return False
         if args.requirement and args.requirement not in _as_list(rec.get("requirement")):
-            continue
+            return False
         if args.client and not _client_matches(rec, args.client):
-            continue
+            return False
         if since or until:
             try:
                 ts = parse_ts(rec["ts"])
-            except (ValueError, KeyError, TypeError):
-                continue
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return False
             if (since and ts < since) or (until and ts >= until):
-                continue
-        oc = outcomes.get(str(rec.get("id")))
-        out.append({**rec, "outcome": {k: oc.get(k) for k in (
-            "status", "bytes_in", "bytes_out", "duration_ms", "error")} if oc else None})
-    return out
+                return False
+        return True
+    return keep
+
+
+_OUTCOME = ("status", "bytes_in", "bytes_out", "duration_ms", "error")
+
+
+def iter_decisions(records: Iterable[tuple[str, int, dict]], args,
+                   window: int = SHOW_WINDOW, late: list[int] | None = None,
+                   waiting: dict[str, dict] | None = None) -> Iterator[dict]:
+    """The selected decisions in chain order, each with its outcome merged in, streaming.
+
+    A decision waits for its outcome while fewer than ``window`` selected decisions queue
+    behind it; past that it goes out without (counted in ``late``), so memory stays bounded
+    whatever the log size. ``waiting`` (decision id -> row) is shared with a caller that
+    reads only the outcomes someone waits for (see _show_wanted)."""
+    keep = decision_filter(args)
+    queue: deque[dict] = deque()
+    waiting = {} if waiting is None else waiting
+    for _file, _line, rec in records:
+        kind = rec.get("kind")
+        if kind == "outcome":
+            row = waiting.pop(str(rec.get("decision_id")), None)
+            if row is not None:
+                row["outcome"] = {k: rec.get(k) for k in _OUTCOME}
+        elif kind == "decision" and keep(rec):
+            row = {**rec, "outcome": None}
+            queue.append(row)
+            waiting[str(rec.get("id"))] = row
+            if len(queue) > window:
+                head = queue.popleft()
+                if waiting.pop(str(head.get("id")), None) is not None and late is not None:
+                    late[0] += 1
+                yield head
+        while queue and str(queue[0].get("id")) not in waiting:
+            yield queue.popleft()
+    yield from queue
+
+
+def _show_wanted(args, waiting: dict[str, dict]) -> Callable[[bytes], bool]:
+    """Which lines `show` needs parsed: decisions that hold the values asked for
+    (--decision, --provider; the filters decide again on the parsed record), and outcomes
+    of decisions that wait for one. A line laid out otherwise is parsed."""
+    needles = [json.dumps(v, ensure_ascii=False).encode()
+               for v in (args.decision, args.provider) if v]
+
+    def wanted(raw: bytes) -> bool:
+        if b'"kind":"decision"' in raw:
+            return all(x in raw for x in needles)
+        if b'"kind":"outcome"' in raw:
+            i = raw.find(b'"decision_id":"')
+            return i < 0 or raw[i + 15:raw.find(b'"', i + 15)].decode(
+                "utf-8", "replace") in waiting
+        return b',"kind":"' not in raw  # another kind of record; else: look
+    return wanted
+
+
+def select_decisions(records, args) -> list[dict]:
+    """iter_decisions() as a list (small logs, tests)."""
+    return list(iter_decisions(records, args))
 
 
 def _cell(v, width: int) -> str:
@@ -166,44 +239,67 @@ def _cell(v, width: int) -> str:
 
 def cmd_show(args) -> int:
     paths = _paths(args)
-    rows = select_decisions(iter_records(paths), args)
+    late = [0]
+    waiting: dict[str, dict] = {}
+    errors: list[str] = []
+    records = iter_records(paths, _show_wanted(args, waiting), errors)
+    rows = iter_decisions(records, args, late=late, waiting=waiting)
+    n = 0
     if args.json:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False, sort_keys=True))
+            n += 1
+        _show_late(late[0], errors)
         return 0
     cols = [("TIME", 19), ("ID", 16), ("DECISION", 8), ("CLIENT", 15), ("PROVIDER", 12),
-            ("MODEL", 18), ("REQUIRE", 10), ("PLACES", 16), ("STATUS", 6), ("REASON", 60)]
+            ("MODEL", 18), ("REQUIRE", 10), ("PLACES", 16), ("STATUS", 6), ("CODE", 24),
+            ("REASON", 60)]
     print("  ".join(n.ljust(w) for n, w in cols).rstrip())
     for r in rows:
+        n += 1
         status = (r.get("outcome") or {}).get("status") or r.get("status")
         client = r.get("client") or ""
         if r.get("user"):
             client = f"{r['user']}@{client}"
-        vals = [str(r.get("ts", ""))[:19].replace("T", " "), r.get("id"), r.get("decision"),
+        decision = r.get("decision")
+        if decision == "block" and r.get("enforced") is False:
+            decision = "report"
+        vals = [str(r.get("ts", ""))[:19].replace("T", " "), r.get("id"), decision,
                 client, r.get("provider"), r.get("model"), r.get("requirement"),
-                r.get("places"), status, r.get("reason")]
+                r.get("places"), status, r.get("code"), r.get("reason")]
         print("  ".join(_cell(v, w).ljust(w) for v, (_n, w) in zip(vals, cols, strict=True))
               .rstrip())
-    print(f"{len(rows)} decision(s)", file=sys.stderr)
+    print(f"{n} decision(s)", file=sys.stderr)
+    _show_late(late[0], errors)
     return 0
+
+
+def _show_late(n: int, errors: list[str]) -> None:
+    for e in errors:
+        print(f"residency-gate audit show: {e}", file=sys.stderr)
+    if n:
+        print(f"{n} decision(s) shown without their outcome: it came more than "
+              f"{SHOW_WINDOW} selected decisions later (narrow with --since/--until)",
+              file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ report
 
 
 def cmd_report(args) -> int:
-    from ..audit.report import render_html
+    from ..audit.report import ReportBuilder, show_command
 
-    report = _run_verify(args, collect=True)
-    records = report.records or []
-    decisions = select_decisions(records, args)
-    page = render_html(report, decisions, [str(p) for p in _paths(args)])
+    builder = ReportBuilder(decision_filter(args))
+    keys = _trusted_keys(args)
+    report = _run_verify(args, on_record=builder.on_record, keys=keys)
+    sources = [str(p) for p in _paths(args)]
+    page = builder.render(report, sources, sorted(keys), show_command(sources))
     try:
         Path(args.html).write_text(page, encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{args.html}: {exc.strerror or exc}") from None
-    blocked = sum(1 for d in decisions if d.get("decision") == "block")
-    print(f"wrote {args.html}: {len(decisions)} decision(s), {blocked} blocked, "
+    print(f"wrote {args.html}: {builder.decisions} decision(s), {builder.blocked} blocked, "
+          f"{builder.unverified_count} record(s) did not verify, "
           f"verification {'intact' if report.ok else 'FAILED'}")
     return 0 if report.ok else 1
 
@@ -244,6 +340,19 @@ def _guard(func):
     return run
 
 
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pubkey", action="append", metavar="FILE",
+                   help="trusted public key (repeatable); default: the keys in certs_dir")
+    p.add_argument("--anchor", metavar="FILE", help="checkpoints kept off the host")
+    p.add_argument("--thorough", action="store_true",
+                   help="also check every record's own signature (spread over the cores)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="worker processes for --thorough (default: the number of cores)")
+    p.add_argument("--from-checkpoint", metavar="CHECKPOINT",
+                   help="verify from a signed checkpoint you trust (a file of checkpoint "
+                        "lines, e.g. the anchor, or one line) when old segments are gone")
+
+
 def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision", choices=["allow", "block", "reroute"])
     p.add_argument("--provider")
@@ -259,9 +368,7 @@ def register(subparsers) -> None:
 
     v = sub.add_parser("verify", help="verify signatures, chain and checkpoints")
     v.add_argument("paths", nargs="*", metavar="PATH", help="files or directories")
-    v.add_argument("--pubkey", action="append", metavar="FILE",
-                   help="trusted public key (repeatable); default: the keys in certs_dir")
-    v.add_argument("--anchor", metavar="FILE", help="checkpoints kept off the host")
+    _verify_options(v)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_guard(cmd_verify))
 
@@ -274,8 +381,7 @@ def register(subparsers) -> None:
     r = sub.add_parser("report", help="self-contained HTML report")
     r.add_argument("paths", nargs="*", metavar="PATH")
     r.add_argument("--html", required=True, metavar="FILE")
-    r.add_argument("--pubkey", action="append", metavar="FILE")
-    r.add_argument("--anchor", metavar="FILE")
+    _verify_options(r)
     _filters(r)
     r.set_defaults(func=_guard(cmd_report))
 
