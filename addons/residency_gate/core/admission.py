@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 from . import wording
 from .decision import Decision, ReasonCode, refuse
 from .endpoints import Catalog, normalise_host
 
 
+@lru_cache(maxsize=4096)
 def is_ip(host: str) -> bool:
+    """An IP literal (v4, v6, bracketed v6), not a name. Asked several times per request of
+    the same few hosts: cached."""
+    host = host.strip("[]")
+    if not host or (":" not in host and not host[-1].isdigit()):
+        return False  # a name: IPv4 ends in a digit and IPv6 has a colon
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ipaddress.ip_address(host)
         return True
     except ValueError:
         return False
@@ -43,13 +50,23 @@ class Destination:
 
     target: str
     names: frozenset[str]
-    url: str  # for refusals: scheme://target/path
+    scheme: str = "https"
+    port: int = 443
+    path: str = "/"
 
     @classmethod
-    def of(cls, target: str, host_header: str | None, sni: str | None,
-           url: str) -> Destination:
+    def of(cls, target: str, host_header: str | None, sni: str | None, scheme: str = "https",
+           port: int = 443, path: str = "/") -> Destination:
         names = {n for n in (authority_host(host_header), normalise_host(sni or "")) if n}
-        return cls(normalise_host(target), frozenset(names), url)
+        return cls(normalise_host(target), frozenset(names), scheme, port, path)
+
+    @property
+    def url(self) -> str:
+        """scheme://target[:port]/path, no query: what a refusal names (built only then)."""
+        default = 443 if self.scheme == "https" else 80
+        port = "" if self.port in (default, 0) else f":{self.port}"
+        host = f"[{self.target}]" if ":" in self.target else self.target
+        return f"{self.scheme}://{host}{port}{self.path.split('?', 1)[0]}"
 
     @property
     def by_address(self) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,18 +118,28 @@ class ResidencyGate:
 
     # ------------------------------------------------------------------ requests
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    # Both request hooks are plain functions that return a coroutine only when there is
+    # something to wait for: mitmproxy awaits what a hook returns, and most requests
+    # (a body within the limit, in requestheaders) need no coroutine at all.
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if flow.response or flow.error or not flow.live:
-            return  # answered by another addon (proxyauth's 407) or gone
+            return None  # answered by another addon (proxyauth's 407) or gone
         state = FlowState(started=time.monotonic())
         flow.metadata[META] = state
-        await self._guard(flow, state, self._check_declared_size(flow, state))
+        declared = flow.request.headers.get("content-length")
+        if declared is None or (declared.isdigit()
+                                and int(declared) <= self.gate.bundle.config.request_body_bytes):
+            return None  # nothing to refuse before the body arrives
+        return self._guard(flow, state, self._check_declared_size(flow, state))
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        state = flow.metadata.setdefault(META, FlowState(started=time.monotonic()))
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        state = flow.metadata.get(META)
+        if state is None:
+            state = flow.metadata[META] = FlowState(started=time.monotonic())
         if flow.response or flow.error or not flow.live or state.answered:
-            return
-        await self._guard(flow, state, self._decide_and_answer(flow, state))
+            return None
+        return self._guard(flow, state, self._decide_and_answer(flow, state))
 
     async def _guard(self, flow: http.HTTPFlow, state: FlowState, work: Any) -> None:
         """Fail closed: any error or timeout refuses the request; nothing is forwarded."""
@@ -157,8 +168,6 @@ class ResidencyGate:
         bundle = self.gate.bundle
         limit = bundle.config.request_body_bytes
         declared = flow.request.headers.get("content-length")
-        if declared is None or (declared.isdigit() and int(declared) <= limit):
-            return
         host = await self._destination(flow, bundle)
         if host is None:
             flow.request.stream = True
@@ -244,7 +253,7 @@ class ResidencyGate:
                                   requirement=decision.requirement)
         forward = decision.verdict != BLOCK or not decision.enforced  # report mode forwards
         if forward:
-            strip_tag(flow, header)
+            strip_tag(flow, header, state.request.signed if state.request else None)
         state.decision = decision
         if record:
             req = state.request or request_of(flow, decision.host, header)

@@ -21,8 +21,8 @@ from .connections import NAMED_TARGET_MODES
 def destination_of(flow: http.HTTPFlow) -> Destination:
     """What the connection goes to, and the names the request uses for it."""
     req = flow.request
-    return Destination.of(req.host, req.host_header, flow.client_conn.sni,
-                          req.pretty_url.split("?", 1)[0])
+    return Destination.of(req.host, req.host_header, flow.client_conn.sni, req.scheme, req.port,
+                          req.path)
 
 
 def connect_by_name(flow: http.HTTPFlow, host: str) -> None:
@@ -77,12 +77,17 @@ def read_body(flow: http.HTTPFlow, limits: Limits) -> tuple[bytes | None, str | 
     return body, error, BodyDigest(hashlib.sha256(data).hexdigest(), len(data))
 
 
-def strip_tag(flow: http.HTTPFlow, header: str) -> None:
-    """The tag is ours, not the provider's, unless the request's signature covers it."""
+def strip_tag(flow: http.HTTPFlow, header: str, signed: bool | None = None) -> None:
+    """The tag is ours, not the provider's, unless the request's signature covers it.
+    `signed`: whether the request is SigV4-signed, when already known (False: no need to
+    read which headers the signature covers)."""
     r = flow.request
-    if header in r.headers and header.lower() not in signed_headers(
+    if header not in r.headers:
+        return
+    if signed is not False and header.lower() in signed_headers(
             r.headers.get("authorization", ""), r.path):
-        del r.headers[header]
+        return
+    del r.headers[header]
 
 
 class MissingKey(RuntimeError):
