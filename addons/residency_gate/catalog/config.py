@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..core.endpoints import normalise_host
 from ..core.strict_json import JSON_DEPTH
 from .schema import schema_problems
 from .source import InvalidSource, Problem, SourceDoc, load_yaml
@@ -300,7 +301,7 @@ def load_config(path: Path | None) -> Config:
         certs_dir=rel(d["certs_dir"]),
         catalog=tuple(rel(p) for p in d["catalog"] or ()),
         upstream_ca=rel(d["upstream_ca"]),
-        resolve={h.lower().rstrip("."): hostport("resolve", t)
+        resolve={normalise_host(h): hostport("resolve", t)
                  for h, t in (d["resolve"] or {}).items()},
         ip_literals=d["ip_literals"],
         header=residency["header"],
@@ -312,7 +313,7 @@ def load_config(path: Path | None) -> Config:
         block_page_contact=d["block_page"]["contact"],
         block_page_instead=d["block_page"]["instead"],
         azure_resources={k.lower(): v for k, v in (d["azure"]["resources"] or {}).items()},
-        reroute_credentials={h.lower().rstrip("."): v["api_key_env"]
+        reroute_credentials={normalise_host(h): v["api_key_env"]
                              for h, v in (d["reroute"]["credentials"] or {}).items()},
         catalog_max_age=d["catalog_max_age"],
         private_endpoints=tuple(private),

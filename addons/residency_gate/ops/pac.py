@@ -21,6 +21,8 @@ import json
 import re
 from collections.abc import Iterable
 
+from ..core.endpoints import normalise_host
+
 __all__ = ["pac_file", "pattern_regex", "proxy_directive"]
 
 _LABEL_CHARS = "[a-z0-9-]"
@@ -36,7 +38,7 @@ def pattern_regex(pattern: str) -> str:
 
     Raises ValueError for a pattern that is not a host name with optional placeholders.
     """
-    p = pattern.strip().lower().rstrip(".")
+    p = normalise_host(pattern)
     if not p:
         raise ValueError("empty host pattern")
     out = ["^"]
@@ -80,7 +82,7 @@ def pac_file(host_patterns: Iterable[str], proxy: str) -> str:
     exact: set[str] = set()
     regexes: dict[str, str] = {}
     for pattern in host_patterns:
-        norm = pattern.strip().lower().rstrip(".")
+        norm = normalise_host(pattern)
         rx = pattern_regex(pattern)  # validates
         if _PLACEHOLDER.search(norm):
             regexes.setdefault(rx, norm)

@@ -26,6 +26,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from ..catalog.bundle import Bundle
 from ..core import wording
 from ..core.admission import is_ip
+from ..core.endpoints import normalise_host
 from .interface import GateHolder
 
 log = logging.getLogger("residency_gate")
@@ -256,7 +257,8 @@ class Resolve:
             return
         host, port = data.server.address[0], data.server.address[1]
         resolve = self.gate.bundle.config.resolve
-        target = resolve.get(f"{host.lower()}:{port}") or resolve.get(host.lower().rstrip("."))
+        name = normalise_host(host)
+        target = resolve.get(f"{name}:{port}") or resolve.get(name)
         if target:
             if data.server.sni is None and not is_ip(host):
                 data.server.sni = host
