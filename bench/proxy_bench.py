@@ -61,6 +61,8 @@ def cpu_per_request(base: Path, fake: FakeServer, procs: list[ProxyProc], *, cli
         futures = [
             pool.submit(start_mitmdump, base / "bare", fake, pass_through=True,
                         name="mitmdump -q + pass-through addon"),
+            pool.submit(start_mitmdump, base / "bare451", fake, answer_451=True,
+                        name="mitmdump -q + 451 addon"),
             pool.submit(start_rg, base / "rg-cpu", fake),
             pool.submit(start_rg, base / "rg-reroute", fake, name="residency-gate reroute",
                         extra={"residency": {"on_violation": "reroute"}}),
@@ -68,9 +70,10 @@ def cpu_per_request(base: Path, fake: FakeServer, procs: list[ProxyProc], *, cli
         for f in futures:
             if f.exception() is None:
                 procs.append(f.result())
-        bare, rg, rr = (f.result() for f in futures)
+        bare, bare451, rg, rr = (f.result() for f in futures)
     cases = {
         "bare mitmdump, forwarded": (bare, {}),
+        "bare mitmdump, 451 from an addon": (bare451, {}),
         "gate allowed, forwarded": (rg, {TAG_HEADER: "global"}),
         "gate blocked (451, no upstream)": (rg, {TAG_HEADER: "eu"}),
         "gate rerouted (eu.api.openai.com)": (rr, {TAG_HEADER: "eea_ch"}),
@@ -92,6 +95,8 @@ def cpu_per_request(base: Path, fake: FakeServer, procs: list[ProxyProc], *, cli
     for name in cases:
         print(f"{name:36} {med[name]:10.2f} {statistics.median(rps[name] or [0]):7.0f} "
               f"{med[name] / base_ms:17.2f}x")
+    print("  (the 451 row is the floor for a refusal: mitmproxy answering a request itself, "
+          "with nothing decided or recorded)")
     print(f"  goals: allowed <= 1.00x bare ({'met' if med['gate allowed, forwarded'] <= base_ms else 'NOT met'}), "
           f"blocked <= 0.50x ({'met' if med['gate blocked (451, no upstream)'] <= 0.5 * base_ms else 'NOT met'})")
     slow = "/slow?n=6&seconds=1"
