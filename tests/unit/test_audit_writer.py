@@ -121,15 +121,15 @@ def test_group_commit_returns_only_after_fsync(tmp_path, key, monkeypatch):
         real_fsync(fd)
         synced.append(written["n"])
 
-    import residency_gate.audit.writer as wmod
-    real_write_all = wmod._write_all
+    import residency_gate.audit.segment_file as wmod
+    real_write_all = wmod.write_all
 
     def counting_write(fd, data):
         real_write_all(fd, data)
         written["n"] += data.count(b"\n")
 
     monkeypatch.setattr(wmod.os, "fsync", counting_fsync)
-    monkeypatch.setattr(wmod, "_write_all", counting_write)
+    monkeypatch.setattr(wmod, "write_all", counting_write)
 
     async def go():
         w = AuditWriter(tmp_path / "a", key, ORIGIN, checkpoint_every=10_000)
@@ -155,7 +155,7 @@ def test_group_commit_returns_only_after_fsync(tmp_path, key, monkeypatch):
 
 
 def test_fsync_always_syncs_every_record(tmp_path, key, monkeypatch):
-    import residency_gate.audit.writer as wmod
+    import residency_gate.audit.segment_file as wmod
     count = {"n": 0}
     real = os.fsync
 
@@ -178,7 +178,7 @@ def test_fsync_always_syncs_every_record(tmp_path, key, monkeypatch):
 
 
 def test_fsync_failure_fails_permanently(tmp_path, key, monkeypatch, caplog):
-    import residency_gate.audit.writer as wmod
+    import residency_gate.audit.segment_file as wmod
     state = {"fail": False, "calls": 0}
     real = os.fsync
 
@@ -214,7 +214,7 @@ def test_fsync_failure_fails_permanently(tmp_path, key, monkeypatch, caplog):
 
 
 def test_write_failure_fails(tmp_path, key, monkeypatch):
-    import residency_gate.audit.writer as wmod
+    import residency_gate.audit.segment_file as wmod
 
     async def go():
         w = AuditWriter(tmp_path / "a", key, ORIGIN)
@@ -223,7 +223,7 @@ def test_write_failure_fails(tmp_path, key, monkeypatch):
         def boom(fd, data):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(wmod, "_write_all", boom)
+        monkeypatch.setattr(wmod, "write_all", boom)
         with pytest.raises(AuditError):
             await w.append("decision", {})
         assert not w.healthy

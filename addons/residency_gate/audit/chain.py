@@ -130,24 +130,29 @@ def _verify_cached(pub: bytes, message: bytes, sig: bytes) -> bool:
     return True
 
 
-def verify_signature_uncached(record: dict, public: Ed25519PublicKey) -> bool:
-    """verify_signature without the cache (the verifier sees each record once)."""
+def _signature_parts(record: dict) -> tuple[bytes, bytes] | None:
+    """(signature, the bytes it signs) of a record; None when either is malformed."""
     sig = b64_strict(record.get("sig"))
     if sig is None or len(sig) != 64:
+        return None
+    try:
+        return sig, signed_body(record)
+    except ValueError:
+        return None
+
+
+def verify_signature_uncached(record: dict, public: Ed25519PublicKey) -> bool:
+    """verify_signature without the cache (the verifier sees each record once)."""
+    parts = _signature_parts(record)
+    if parts is None:
         return False
     try:
-        public.verify(sig, signed_body(record))
+        public.verify(*parts)
     except (InvalidSignature, ValueError):
         return False
     return True
 
 
 def verify_signature(record: dict, public: Ed25519PublicKey) -> bool:
-    sig = b64_strict(record.get("sig"))
-    if sig is None or len(sig) != 64:
-        return False
-    try:
-        body = signed_body(record)
-    except ValueError:
-        return False
-    return _verify_cached(public_raw(public), body, sig)
+    parts = _signature_parts(record)
+    return parts is not None and _verify_cached(public_raw(public), parts[1], parts[0])

@@ -54,9 +54,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .chain import origin_safe
-from .housekeeping import Retention
+from .chain_writer import ChainWriter
 from .keys import SigningKey
-from .writer import AuditError, AuditRecordError, AuditWriter
+from .writer_api import AuditError, AuditRecordError, WriterSettings
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -79,7 +79,7 @@ class _Child:
         self.readable = select.poll()
         self.readable.register(conn.fileno(), select.POLLIN)
         self.eof = False
-        self.writer: AuditWriter | None = None
+        self.writer: ChainWriter | None = None
 
     # -------------------------------------------------------------- I/O
 
@@ -102,18 +102,11 @@ class _Child:
 
     # -------------------------------------------------------------- setup
 
-    def open(self, cfg: dict) -> AuditWriter:
+    def open(self, cfg: dict) -> ChainWriter:
         key = _key(cfg["key"], tuple(_key(raw) for raw in cfg["retired"]))
         directory = Path(cfg["directory"])
-        w = AuditWriter(
-            directory, key, cfg["origin"], fsync=cfg["fsync"],
-            rotate_bytes=cfg["rotate_bytes"], rotate_seconds=cfg["rotate_seconds"],
-            checkpoint_every=cfg["checkpoint_every"],
-            checkpoint_seconds=cfg["checkpoint_seconds"],
-            anchor_file=Path(cfg["anchor_file"]) if cfg.get("anchor_file") else None,
-            compress=cfg.get("compress", "none"),
-            retention=_retention(cfg.get("retention")),
-        )
+        w = ChainWriter(directory, key, cfg["origin"],
+                        settings=WriterSettings.from_wire(cfg["settings"]))
         w.pid = cfg.get("pid") or os.getpid()
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -196,13 +189,6 @@ class _Child:
         return 2
 
 
-def _retention(raw: tuple | None) -> Retention | None:
-    if raw is None:
-        return None
-    age, size, archive = raw
-    return Retention(age, size, Path(archive) if archive else None)
-
-
 def _result(rec: dict | AuditRecordError) -> tuple | dict | str:
     """What the parent needs to answer an append: it has kind and fields."""
     if isinstance(rec, AuditRecordError):
@@ -212,7 +198,7 @@ def _result(rec: dict | AuditRecordError) -> tuple | dict | str:
     return (rec["seq"], rec["ts"], rec["prev"], rec["key_id"], rec["sig"])
 
 
-def _stats(w: AuditWriter) -> tuple:
+def _stats(w: ChainWriter) -> tuple:
     return tuple(vars(w.stats).values())
 
 

@@ -34,10 +34,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .canonical import CanonicalError, canonical
-from .chain import RESERVED, VERSION
-from .housekeeping import Retention
+from .chain import VERSION
 from .keys import SigningKey
-from .writer import AuditError, AuditRecordError, AuditStats
+from .writer_api import AuditError, AuditRecordError, AuditStats, WriterSettings, WriterState
 from .writer_child import MAX_FRAME
 
 log = logging.getLogger("residency_gate.audit")
@@ -58,48 +57,24 @@ def _raw(key: SigningKey) -> bytes:
                                      serialization.NoEncryption())
 
 
-class ProcessAuditWriter:
+class ProcessAuditWriter(WriterState):
     """Drop-in for :class:`AuditWriter` (open/append/rotate_key/close/close_sync/healthy/stats)."""
 
-    def __init__(
-        self,
-        directory: Path,
-        key: SigningKey,
-        origin: str,
-        *,
-        fsync: str = "group",
-        rotate_bytes: int = 64 << 20,
-        rotate_seconds: float = 86400,
-        checkpoint_every: int = 1000,
-        checkpoint_seconds: float = 60.0,
-        anchor_file: Path | None = None,
-        compress: str = "none",
-        retention: Retention | None = None,
-        ack_timeout: float = 10.0,
-        start_timeout: float = 60.0,
-    ) -> None:
-        if fsync not in ("group", "always"):
-            raise ValueError(f"fsync must be 'group' or 'always', not {fsync!r}")
+    def __init__(self, directory: Path, key: SigningKey, origin: str, *,
+                 settings: WriterSettings | None = None, ack_timeout: float = 10.0,
+                 start_timeout: float = 60.0, **options: Any) -> None:
+        """``options``: WriterSettings fields by keyword (they override ``settings``)."""
+        self.settings = WriterSettings.of(settings, **options)
         if not origin:
             raise ValueError("origin must not be empty")
         self.directory = Path(directory)
         self.key = key
         self.origin = origin
-        self.fsync_mode = fsync
-        self.anchor_file = Path(anchor_file) if anchor_file else None
         self.ack_timeout = float(ack_timeout)
         self.start_timeout = float(start_timeout)
         self._config: dict[str, Any] = {
-            "directory": str(self.directory), "origin": origin, "fsync": fsync,
-            "rotate_bytes": int(rotate_bytes), "rotate_seconds": float(rotate_seconds),
-            "checkpoint_every": int(checkpoint_every),
-            "checkpoint_seconds": float(checkpoint_seconds),
-            "anchor_file": str(self.anchor_file) if self.anchor_file else None,
+            "directory": str(self.directory), "origin": origin, "settings": self.settings.to_wire(),
             "lock_timeout": float(start_timeout) / 2,
-            "compress": compress,
-            "retention": None if retention is None else (
-                retention.max_age_days, retention.max_bytes,
-                str(retention.archive_dir) if retention.archive_dir else None),
         }
         self._stats = AuditStats()
         self._state = "new"  # new -> open -> closing -> closed
@@ -123,14 +98,6 @@ class ProcessAuditWriter:
         self._closed_fut: asyncio.Future | None = None
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def healthy(self) -> bool:
-        return self._state == "open" and self._failed is None
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._failed
 
     @property
     def stats(self) -> AuditStats:
@@ -188,14 +155,7 @@ class ProcessAuditWriter:
 
     async def append(self, kind: str, fields: dict) -> dict:
         """Append one record; returns it (with seq, id, sig, ...) once durable."""
-        self._check_usable()
-        if not isinstance(kind, str) or not kind:
-            raise AuditRecordError("kind must be a non-empty string")
-        if not isinstance(fields, dict):
-            raise AuditRecordError("fields must be a dict")
-        if not RESERVED.isdisjoint(fields):
-            clash = RESERVED.intersection(fields)
-            raise AuditRecordError(f"reserved field(s) {sorted(clash)} in audit record")
+        self._check_append(kind, fields)
         try:
             payload = marshal.dumps(("a", kind, fields))
         except ValueError:  # not plain types (a subclass, ...): the canonical copy or refuse
@@ -248,13 +208,6 @@ class ProcessAuditWriter:
             runner.run(self.close())
 
     # ------------------------------------------------------------------ sending
-
-    def _check_usable(self) -> None:
-        if self._failed is not None:
-            raise AuditError(f"audit log failed earlier: {self._failed}")
-        if self._state != "open":
-            raise AuditError("audit writer is not open" if self._state == "new"
-                             else "audit writer is closed")
 
     async def _submit(self, payload: bytes, kind: str, fields: dict | None) -> dict:
         loop = asyncio.get_running_loop()
