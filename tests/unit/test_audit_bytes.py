@@ -1,0 +1,147 @@
+"""What the writer writes, byte for byte: the same lines, whatever path builds them.
+
+The writer serialises a record once and splices its signature in (chain.py); these tests
+hold that to the reference path, ``sign_record`` (canonical JSON of the record without
+``sig``, signed, then canonical JSON with it), on random records (keys outside the BMP,
+escapes, controls, boundary integers, tuples) and on a golden log: the digest of every byte
+a writer wrote for a fixed key, clock, host and pid, as the writer before the single
+serialisation wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from residency_gate.audit import chain_writer
+from residency_gate.audit.canonical import parse
+from residency_gate.audit.chain import sign_record
+from residency_gate.audit.chain_writer import ChainWriter
+from residency_gate.audit.keys import SigningKey
+from residency_gate.audit.writer_api import AuditRecordError
+from test_audit_canonical import random_record
+
+ORIGIN = "gw-bytes"
+KEY = SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+NEXT_KEY = SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))))
+
+DECISION = {
+    "advice": [], "body_bytes": 68, "body_sha256": "ab" * 32, "client": "10.20.0.7",
+    "code": "outside_requirement", "decision": "block", "endpoint": "global", "enforced": True,
+    "host": "api.openai.com",
+    "inputs": {"path": "/v1/chat/completions", "reads": {"body": "object",
+                                                         "body:model": "gpt-4o"},
+               "signed": False},
+    "located_by": "fixed for this endpoint", "method": "POST", "model": "gpt-4o",
+    "places": ["global"], "processing": ["global"], "provider": "openai",
+    "reason": "Blocked by residency policy: requirement eu (from header X-Data-Residency: "
+              "eu), but api.openai.com may process this request in anywhere.",
+    "requirement": ["eu"], "requirement_places": ["eu"],
+    "requirement_sources": [{"detail": "header X-Data-Residency: eu", "mode": "enforce",
+                             "names": ["eu"], "source": "tag"}],
+    "revisions": {"catalog": "c8fcedc736487dc0", "config": "defaults"}, "status": 451,
+    "storage": ["global"], "tags": ["eu"], "url": "https://api.openai.com/v1/chat/completions",
+    "user": None,
+}
+OUTCOME = {"decision_id": f"{ORIGIN}:1", "status": 451, "bytes_in": 68, "bytes_out": None,
+           "duration_ms": 3, "error": None, "error_kind": None}
+# refused, the writer stays healthy and writes nothing for them
+def _nested(depth: int) -> list:
+    out: list = [0]
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+BAD = [{"f": 1.5}, {"t": "\ud800"}, {"\udfff": 1}, {"n": 2**53}, {"b": b"x"}, {1: "int key"},
+       {"seq": 1}, {"deep": _nested(70)}]
+
+
+def entries(seed: int, n: int) -> list[tuple[str, dict]]:
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = r.randrange(10)
+        if k < 3:
+            out.append(("decision", dict(DECISION, n=i)))
+        elif k < 5:
+            out.append(("outcome", dict(OUTCOME, duration_ms=i)))
+        elif k < 6:
+            out.append(("x", r.choice(BAD)))
+        else:
+            out.append((r.choice(["decision", "config", "kind\u00e9", "k\U0001f600"]),
+                        random_record(r)))
+    return out
+
+
+class FixedClock:
+    """Every timestamp the writer takes, from a counter (one microsecond apart)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, when=None) -> str:
+        self.n += 1
+        return f"2026-11-28T07:24:{10 + self.n // 1_000_000:02d}.{self.n % 1_000_000:06d}Z"
+
+
+def write_golden(d: Path, monkeypatch) -> bytes:
+    """A log (rotations, checkpoints, a key hand-over, refusals) written with a fixed key,
+    clock, host and pid; every byte of it, in order."""
+    monkeypatch.setattr(chain_writer, "utc_ts", FixedClock())
+    monkeypatch.setattr(chain_writer.socket, "gethostname", lambda: "golden-host")
+    w = ChainWriter(d, KEY, ORIGIN, rotate_bytes=6000, checkpoint_every=7,
+                    checkpoint_seconds=1e9, rotate_seconds=1e9)
+    w.pid = 4242
+    w.open()
+    todo = entries(8785, 240)
+    refused = 0
+    for i in range(0, len(todo), 9):
+        out = w.append_batch(todo[i:i + 9])
+        refused += sum(isinstance(x, AuditRecordError) for x in out)
+        if i == 117:
+            w.rotate_key_sync(NEXT_KEY)
+    w.close_sync()
+    assert refused > 10 and w.healthy is False and w.failure is None
+    files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+    return b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
+
+
+def test_golden_log(tmp_path, monkeypatch):
+    data = write_golden(tmp_path / "a", monkeypatch)
+    # written by the writer of ff4a825 (three serialisations a record) with this test's inputs
+    assert hashlib.sha256(data).hexdigest() == \
+        "687df07fd87c821bd3e9e4cb03db205fb4952f5ba5bd587a4df158d3af7b2df2"
+
+
+def test_every_line_is_the_reference_serialisation(tmp_path, monkeypatch):
+    """Each line the writer wrote is what sign_record makes of its content."""
+    d = tmp_path / "a"
+    write_golden(d, monkeypatch)
+    keys = {KEY.key_id: KEY, NEXT_KEY.key_id: NEXT_KEY}
+    n = 0
+    for p in sorted(d.glob(f"{ORIGIN}-*.jsonl")):
+        for line in p.read_bytes().splitlines():
+            rec = parse(line)
+            rec.pop("sig")
+            assert sign_record(rec, keys[rec["key_id"]]) == line
+            n += 1
+    assert n > 150
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_records_through_the_writer_verify(tmp_path, seed):
+    from residency_gate.audit.verify import verify
+
+    d = tmp_path / "a"
+    w = ChainWriter(d, KEY, ORIGIN, rotate_bytes=8000, checkpoint_every=5)
+    w.open()
+    for i in range(0, 90, 10):
+        w.append_batch(entries(seed, 90)[i:i + 10])
+    w.close_sync()
+    rep = verify([d], {KEY.key_id: KEY.public}, None, thorough=True, jobs=1)
+    assert rep.ok and rep.problems == [], [p.text() for p in rep.problems]
