@@ -11,15 +11,18 @@ serialisation wrote it.
 from __future__ import annotations
 
 import hashlib
+import json
+import marshal
 import random
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from residency_gate.audit import chain_writer
-from residency_gate.audit.canonical import parse
-from residency_gate.audit.chain import sign_record
+from residency_gate.audit.canonical import canonical, is_plain, parse
+from residency_gate.audit.chain import SIG_SLOT, UtcClock, seal, sign_record, utc_ts
 from residency_gate.audit.chain_writer import ChainWriter
 from residency_gate.audit.keys import SigningKey
 from residency_gate.audit.writer_api import AuditRecordError
@@ -89,19 +92,22 @@ class FixedClock:
         return f"2026-11-28T07:24:{10 + self.n // 1_000_000:02d}.{self.n % 1_000_000:06d}Z"
 
 
-def write_golden(d: Path, monkeypatch) -> bytes:
+def write_golden(d: Path, monkeypatch, owned: bool = False) -> bytes:
     """A log (rotations, checkpoints, a key hand-over, refusals) written with a fixed key,
-    clock, host and pid; every byte of it, in order."""
-    monkeypatch.setattr(chain_writer, "utc_ts", FixedClock())
+    clock, host and pid; every byte of it, in order. ``owned``: as the writer process
+    writes (fields it unmarshalled, used without a copy)."""
     monkeypatch.setattr(chain_writer.socket, "gethostname", lambda: "golden-host")
     w = ChainWriter(d, KEY, ORIGIN, rotate_bytes=6000, checkpoint_every=7,
                     checkpoint_seconds=1e9, rotate_seconds=1e9)
+    w.clock = FixedClock()
     w.pid = 4242
     w.open()
     todo = entries(8785, 240)
+    if owned:
+        todo = [marshal.loads(marshal.dumps(e)) for e in todo]
     refused = 0
     for i in range(0, len(todo), 9):
-        out = w.append_batch(todo[i:i + 9])
+        out = w.append_batch(todo[i:i + 9], owned=owned)
         refused += sum(isinstance(x, AuditRecordError) for x in out)
         if i == 117:
             w.rotate_key_sync(NEXT_KEY)
@@ -111,8 +117,9 @@ def write_golden(d: Path, monkeypatch) -> bytes:
     return b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files)
 
 
-def test_golden_log(tmp_path, monkeypatch):
-    data = write_golden(tmp_path / "a", monkeypatch)
+@pytest.mark.parametrize("owned", [False, True], ids=["thread", "process"])
+def test_golden_log(tmp_path, monkeypatch, owned):
+    data = write_golden(tmp_path / "a", monkeypatch, owned)
     # written by the writer of ff4a825 (three serialisations a record) with this test's inputs
     assert hashlib.sha256(data).hexdigest() == \
         "687df07fd87c821bd3e9e4cb03db205fb4952f5ba5bd587a4df158d3af7b2df2"
@@ -145,3 +152,51 @@ def test_random_records_through_the_writer_verify(tmp_path, seed):
     w.close_sync()
     rep = verify([d], {KEY.key_id: KEY.public}, None, thorough=True, jobs=1)
     assert rep.ok and rep.problems == [], [p.text() for p in rep.problems]
+
+
+def _header(r: random.Random, seq: int) -> dict:
+    return {"v": 1, "origin": r.choice(["gw-1", "gw-\u00e9", "gw-\U0001f600"]), "seq": seq,
+            "ts": "2026-11-28T07:24:10.123456Z", "kind": r.choice(["decision", "outcome", "k"]),
+            "prev": f"{r.getrandbits(256):064x}", "key_id": KEY.key_id}
+
+
+def test_seal_is_sign_record_on_random_records():
+    """One serialisation with the slot, spliced, against sign_record (two serialisations):
+    the same line and signature, on both serialisers (plain: json; else rfc8785)."""
+    r = random.Random(11)
+    paths = set()
+    for seq in range(1500):
+        fields = json_copy(random_record(r))
+        if seq % 97 == 0:  # a field that holds the slot itself: seal falls back
+            fields["meta"] = {"sig": SIG_SLOT}
+        rec = {**_header(r, seq), **fields}
+        plain = is_plain(rec)
+        paths.add(plain)
+        reference = dict(rec)
+        expected = sign_record(reference, KEY, plain=plain)
+        rec["sig"] = SIG_SLOT
+        assert seal(rec, KEY, plain=plain) == expected
+        assert rec == reference and list(rec) == list(reference)
+    assert paths == {True, False}
+
+
+def json_copy(fields: dict) -> dict:
+    """The fields as the writer keeps them (tuples become lists)."""
+    return json.loads(canonical(fields))
+
+
+def test_clock_is_utc_ts():
+    """The writer's clock formats an instant exactly as utc_ts does (boundaries of seconds,
+    days, years, leap days; microseconds rounded down), and agrees with it on now."""
+    clock = UtcClock()
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    r = random.Random(3)
+    samples = [0, 999, 1000, 999_999_999, 1_000_000_000, 951_782_399_999_999_999,
+               951_782_400_000_000_000, 1_798_761_599_999_999_000, 1_798_761_600_000_000_000]
+    samples += [r.randrange(0, 4_102_444_800 * 10**9) for _ in range(3000)]
+    samples += [1_800_000_000 * 10**9 + i * 137_000 for i in range(3000)]  # same second
+    for ns in samples:
+        assert clock.at(ns) == utc_ts(epoch + timedelta(microseconds=ns // 1000)), ns
+    for _ in range(1000):
+        before, now, after = utc_ts(), clock(), utc_ts()
+        assert before <= now <= after

@@ -16,22 +16,26 @@ import asyncio
 import base64
 import json
 import logging
+import marshal
 import os
 import socket
 import time
 from collections.abc import Sequence
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from .canonical import CanonicalError, canonical, is_plain
 from .chain import (
+    SIG_SLOT,
     VERSION,
     ZERO_HASH,
+    UtcClock,
     checkpoints_name,
     line_hash,
+    seal,
     segment_name,
     sign_record,
-    utc_ts,
 )
 from .checkpoint_files import CheckpointFiles
 from .housekeeping import Housekeeper, PrunePlan
@@ -79,6 +83,8 @@ class ChainWriter(WriterState):
         self.anchor_file = s.anchor_file
         self.checkpoints_file = self.directory / checkpoints_name(origin)
         self.stats = AuditStats()
+        self.clock = UtcClock()  # every record's ts (tests fix it)
+        self._plain_origin = is_plain(origin)
         self.pid = os.getpid()  # the `start` record's pid: the proxy's, also for a child writer
 
         self._state = "new"  # new -> open -> closed
@@ -143,7 +149,7 @@ class ChainWriter(WriterState):
             return None
         return max(0.0, self._last_cp + self.checkpoint_seconds - time.monotonic())
 
-    def append_batch(self, entries: Sequence[tuple[str, dict]]
+    def append_batch(self, entries: Sequence[tuple[str, dict]], *, owned: bool = False
                      ) -> list[dict | AuditRecordError]:
         """Append ``(kind, fields)`` entries as one group commit, synchronously.
 
@@ -152,13 +158,14 @@ class ChainWriter(WriterState):
         or the AuditRecordError that refused it (the others are written). Also writes a
         time checkpoint when one is due; with no entries, only that. A write or fsync
         failure fails the writer for good and raises AuditError (see ``failure``).
+        ``owned``: the fields are the writer's to keep (nobody else holds them): no copy.
         """
         self._check_usable()
         items: list[Item] = []
         slots: list[int | AuditRecordError] = []
         for kind, fields in entries:
             try:
-                item = self._prepare(kind, fields)
+                item = self._prepare(kind, fields, owned)
             except AuditRecordError as exc:
                 slots.append(exc)
                 continue
@@ -189,14 +196,30 @@ class ChainWriter(WriterState):
     def _opened(self) -> None:
         """Hook: the chain is recovered and the start record durable."""
 
-    def _prepare(self, kind: str, fields: dict) -> Item:
+    def _prepare(self, kind: str, fields: dict, owned: bool = False) -> Item:
+        """The record to write, or AuditRecordError (a float, a lone surrogate, ...).
+
+        Fields of plain types (is_plain: what the proxy writes) are used as they are when
+        ``owned`` (a fresh copy nobody else holds: the writer process unmarshalled them),
+        else as a copy made by marshal (it refuses subclasses and cycles: then the slow
+        path); anything else (tuples, keys outside the BMP, ...) is checked and copied by
+        its canonical JSON, as before the fast path."""
         self._check_append(kind, fields)
-        try:
-            # validates (no floats, str keys, ...) and deep-copies in one go
-            copy = json.loads(canonical(fields))
-        except CanonicalError as exc:
-            raise AuditRecordError(str(exc)) from exc
-        plain = is_plain(copy) and is_plain(self.origin) and is_plain(kind)
+        copy = fields
+        if not owned:
+            try:
+                copy = marshal.loads(marshal.dumps(fields))
+            except ValueError:
+                copy = None
+        if copy is None or not is_plain(copy):
+            try:
+                # validates (no floats, str keys, ...) and deep-copies in one go
+                copy = json.loads(canonical(fields))
+            except CanonicalError as exc:
+                raise AuditRecordError(str(exc)) from exc
+            plain = is_plain(copy) and self._plain_origin and is_plain(kind)
+        else:
+            plain = self._plain_origin and is_plain(kind)
         return Item(kind, copy, None, plain=plain)
 
     def _commit(self, items: list[Item]) -> list[dict]:
@@ -323,16 +346,17 @@ class ChainWriter(WriterState):
         key = key or self.key
         seq = self._seq
         rec: dict[str, Any] = {
-            "v": VERSION, "origin": self.origin, "seq": seq, "ts": utc_ts(),
+            "v": VERSION, "origin": self.origin, "seq": seq, "ts": self.clock(),
             "kind": kind, "prev": self._prev, "key_id": key.key_id,
         }
         rec.update(fields)
         if kind == "decision" and "id" not in rec:
             rec["id"] = f"{self.origin}:{seq}"
-        line = sign_record(rec, key, plain=plain)
+        rec["sig"] = SIG_SLOT
+        line = seal(rec, key, plain=plain)
         self._segment.add(line + b"\n")
         self._seq = seq + 1
-        self._prev = line_hash(line)
+        self._prev = sha256(line).hexdigest()  # line_hash
         self._last_kind = kind
         if kind != "checkpoint":
             self._since_cp += 1

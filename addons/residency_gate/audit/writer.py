@@ -39,15 +39,20 @@ class AuditWriter(ChainWriter):
 
     async def append(self, kind: str, fields: dict) -> dict:
         """Append one record; returns it (with seq, id, sig, ...) once durable."""
+        return await self.append_nowait(kind, fields)
+
+    def append_nowait(self, kind: str, fields: dict) -> asyncio.Future:
+        """append() for a caller that does not wait: the future of the record (see
+        ProcessAuditWriter.append_nowait)."""
         item = self._prepare(kind, fields)
         loop = asyncio.get_running_loop()
         self._ensure_runner(loop)
-        item.future = loop.create_future()
+        item.future = fut = loop.create_future()
         self._pending.append(item)
         self.stats.pending = len(self._pending)
         assert self._wake is not None
         self._wake.set()
-        return await item.future
+        return fut
 
     async def rotate_key(self, new_key: SigningKey) -> dict:
         """Hand the chain over to ``new_key`` now: a key_rotation record signed by the old key."""

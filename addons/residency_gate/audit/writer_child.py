@@ -61,6 +61,8 @@ from .writer_api import AuditError, AuditRecordError, WriterSettings
 log = logging.getLogger("residency_gate.audit")
 
 MAX_FRAME = 64 << 20
+HEADER = 4  # multiprocessing.connection's length prefix: 4 bytes, big-endian
+READ_BYTES = 1 << 20
 PARENT_CHECK_SECONDS = 1.0
 
 
@@ -79,17 +81,37 @@ class _Child:
         self.readable = select.poll()
         self.readable.register(conn.fileno(), select.POLLIN)
         self.eof = False
+        self.fd = conn.fileno()
+        self.buf = bytearray()  # received, not yet a whole message
         self.writer: ChainWriter | None = None
 
     # -------------------------------------------------------------- I/O
 
     def receive(self, timeout: float | None) -> list[Any]:
-        """Every message the parent has sent by now, waiting up to ``timeout`` for the first."""
+        """Every message the parent has sent by now, waiting up to ``timeout`` for the first.
+
+        Reads what the socket holds in one read (not two per message, as Connection does)
+        and splits it into frames; a frame not complete yet waits for the next call."""
         msgs: list[Any] = []
+        buf = self.buf
         try:
             while not self.eof and self.readable.poll(
                     0 if msgs else None if timeout is None else timeout * 1000):
-                msgs.append(marshal.loads(self.conn.recv_bytes(MAX_FRAME)))
+                data = os.read(self.fd, READ_BYTES)
+                if not data:
+                    raise EOFError
+                buf += data
+                pos, end = 0, len(buf)
+                while end - pos >= HEADER:
+                    size = int.from_bytes(buf[pos:pos + HEADER], "big", signed=True)
+                    if not 0 <= size <= MAX_FRAME:
+                        raise OSError(f"bad message length {size}")
+                    if end - pos - HEADER < size:
+                        break
+                    pos += HEADER
+                    msgs.append(marshal.loads(buf[pos:pos + size]))
+                    pos += size
+                del buf[:pos]
         except (EOFError, OSError):
             self.eof = True
         return msgs
@@ -160,12 +182,14 @@ class _Child:
                     if op == "a":
                         batch.append((msg[1], msg[2]))
                     elif op == "k":  # in order: what came before is written first
-                        results += w.append_batch(batch)
+                        results += w.append_batch(batch, owned=True)
                         batch = []
                         results.append(w.rotate_key_sync(_key(msg[1])))
                     elif op == "c":
                         closing = True
-                results += w.append_batch(batch)  # also a time checkpoint, when due
+                # fields fresh from marshal: the writer's own (no copy); also a time
+                # checkpoint, when due
+                results += w.append_batch(batch, owned=True)
             except AuditError:
                 return self.fatal("write")
             if results:

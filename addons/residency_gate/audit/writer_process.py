@@ -37,7 +37,7 @@ from .canonical import CanonicalError, canonical
 from .chain import VERSION
 from .keys import SigningKey
 from .writer_api import AuditError, AuditRecordError, AuditStats, WriterSettings, WriterState
-from .writer_child import MAX_FRAME
+from .writer_child import HEADER, MAX_FRAME
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -46,7 +46,6 @@ log = logging.getLogger("residency_gate.audit")
 # writer process per request instead of two.
 DEFERRED_KINDS = frozenset({"outcome"})
 DEFER_SECONDS = 0.002
-HEADER = 4  # multiprocessing.connection's length prefix: 4 bytes, big-endian
 
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding residency_gate/
 
@@ -155,6 +154,14 @@ class ProcessAuditWriter(WriterState):
 
     async def append(self, kind: str, fields: dict) -> dict:
         """Append one record; returns it (with seq, id, sig, ...) once durable."""
+        return await self.append_nowait(kind, fields)
+
+    def append_nowait(self, kind: str, fields: dict) -> asyncio.Future:
+        """append() for a caller that does not wait (outcome records): queues the record now
+        and returns the future of what append() returns, without a coroutine or a task.
+        Raises AuditError / AuditRecordError at once when the record cannot be queued; the
+        future fails with AuditError when it is not written. Retrieve its outcome (e.g.
+        with a done callback), or asyncio logs an unretrieved exception."""
         self._check_append(kind, fields)
         try:
             payload = marshal.dumps(("a", kind, fields))
@@ -164,7 +171,7 @@ class ProcessAuditWriter(WriterState):
             except CanonicalError as exc:
                 raise AuditRecordError(str(exc)) from exc
             payload = marshal.dumps(("a", kind, copy))
-        return await self._submit(payload, kind, fields)
+        return self._submit(payload, kind, fields)
 
     async def rotate_key(self, new_key: SigningKey) -> dict:
         """Hand the chain over to ``new_key`` now: a key_rotation record signed by the old key."""
@@ -209,17 +216,21 @@ class ProcessAuditWriter(WriterState):
 
     # ------------------------------------------------------------------ sending
 
-    async def _submit(self, payload: bytes, kind: str, fields: dict | None) -> dict:
+    def _submit(self, payload: bytes, kind: str, fields: dict | None) -> asyncio.Future:
+        """Queue a message that gets an answer; its future. On a loop not bound yet, it is
+        sent once connected (``_connect`` flushes)."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop or self._writer is None:
-            await self._bind(loop)
+        if loop is not self._loop:
+            self._start_bind(loop)
             self._check_usable()
         fut = loop.create_future()
         self._queue(payload, (fut, time.monotonic(), kind, fields), kind not in DEFERRED_KINDS)
-        return await fut
+        return fut
 
     def _queue(self, payload: bytes, waiter: tuple | None, urgent: bool = True) -> None:
-        self._out.append(len(payload).to_bytes(HEADER, "big") + payload)
+        out = self._out
+        out.append(len(payload).to_bytes(HEADER, "big"))
+        out.append(payload)
         loop = self._loop
         assert loop is not None
         if waiter is not None:
@@ -249,14 +260,17 @@ class ProcessAuditWriter(WriterState):
 
     async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Talk to the writer process on ``loop`` (the loop of the latest caller)."""
+        self._start_bind(loop)
+        if self._connected is not None:
+            await asyncio.shield(self._connected)
+
+    def _start_bind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop:
             self._unbind()
             if self._failed is not None:
                 return
             self._loop = loop
             self._connected = loop.create_task(self._connect(), name="audit-writer-connect")
-        assert self._connected is not None
-        await asyncio.shield(self._connected)
 
     async def _connect(self) -> None:
         assert self._sock is not None
@@ -278,6 +292,8 @@ class ProcessAuditWriter(WriterState):
         self._writer, self._stream_sock = writer, sock
         self._reader = asyncio.get_running_loop().create_task(
             self._read(reader), name="audit-writer-acks")
+        if self._out:  # queued while connecting
+            self._flush()
 
     def _unbind(self) -> None:
         """Stop using the current loop's streams (the loop is going away, or another one
