@@ -3,10 +3,11 @@
 Started by :class:`~residency_gate.audit.writer_process.ProcessAuditWriter`; FD is its end of a
 Unix socketpair. Everything the in-process :class:`AuditWriter` does on its worker thread
 (recovery at open, building, canonicalising, signing, chaining and writing records, group
-commit fsync, rotation, checkpoints, the anchor file) happens here, through AuditWriter's
-synchronous API (``open``, ``append_batch``, ``rotate_key_sync``, ``close_sync``), so it
-costs the proxy's event loop neither CPU nor the GIL. So do compression and retention of
-rotated segments (AuditWriter's background thread, housekeeping.py).
+commit fsync, rotation, checkpoints, the anchor file) happens here, through the synchronous
+API of :class:`~residency_gate.audit.chain_writer.ChainWriter` (``open``, ``append_batch``,
+``rotate_key_sync``, ``close_sync``), so it costs the proxy's event loop neither CPU nor the
+GIL. So do compression and retention of rotated segments (housekeeping.py's thread). The
+fields arrive as a fresh copy (unmarshalled here), which the writer uses without copying.
 
 Protocol: messages framed as :class:`multiprocessing.connection.Connection` frames them (a
 4-byte big-endian length, then the payload), each payload a ``marshal``-ed tuple.

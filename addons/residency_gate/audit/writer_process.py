@@ -1,10 +1,10 @@
 """The audit writer in its own process: AuditWriter's API, none of its CPU in the proxy.
 
-Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80 µs), and the
-proxy writes two per request. In-process, that work runs on a thread that shares the
-GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
+Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80-100 µs here),
+and the proxy writes two per request. In-process, that work runs on a thread that shares
+the GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
 process (``python -m residency_gate.audit.writer_child``, see there for the protocol) runs
-:class:`AuditWriter`; the proxy only marshals the fields, writes all the appends of one
+the same chain writer; the proxy only marshals the fields, writes all the appends of one
 event-loop iteration to a socketpair in one ``send`` (an asyncio stream), and resolves
 each append when the child reports its group commit durable (fsynced).
 
