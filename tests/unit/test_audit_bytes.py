@@ -200,3 +200,14 @@ def test_clock_is_utc_ts():
     for _ in range(1000):
         before, now, after = utc_ts(), clock(), utc_ts()
         assert before <= now <= after
+
+
+def test_a_kind_that_cannot_be_written_is_refused_not_fatal(tmp_path):
+    """A kind with a lone surrogate used to pass the checks and fail the writer for good
+    when its record was serialised; it is refused like a bad field."""
+    w = ChainWriter(tmp_path / "a", KEY, ORIGIN)
+    w.open()
+    out = w.append_batch([("k\ud800", {}), ("k\U0001f600", {"a": 1})], owned=True)
+    assert isinstance(out[0], AuditRecordError) and out[1]["kind"] == "k\U0001f600"
+    assert w.healthy
+    w.close_sync()

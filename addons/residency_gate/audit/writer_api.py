@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .canonical import CanonicalError, canonical
 from .chain import RESERVED
 from .housekeeping import Retention
 
@@ -68,6 +69,11 @@ class WriterState:
         self._check_usable()
         if not isinstance(kind, str) or not kind:
             raise AuditRecordError("kind must be a non-empty string")
+        if not kind.isascii():  # a lone surrogate would fail the writer when it is written
+            try:
+                canonical(kind)
+            except CanonicalError as exc:
+                raise AuditRecordError(f"kind: {exc}") from exc
         if not isinstance(fields, dict):
             raise AuditRecordError("fields must be a dict")
         if not RESERVED.isdisjoint(fields):
