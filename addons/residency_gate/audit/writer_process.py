@@ -22,22 +22,18 @@ import collections
 import json
 import logging
 import marshal
-import os
 import socket
 import subprocess
-import sys
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives import serialization
 
 from .canonical import CanonicalError, canonical
 from .chain import VERSION
 from .keys import SigningKey
 from .writer_api import AuditError, AuditRecordError, AuditStats, WriterSettings, WriterState
 from .writer_child import HEADER, MAX_FRAME
+from .writer_launch import raw_key, start_child, stop_child
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -46,15 +42,6 @@ log = logging.getLogger("residency_gate.audit")
 # writer process per request instead of two.
 DEFERRED_KINDS = frozenset({"outcome"})
 DEFER_SECONDS = 0.002
-
-_PKG_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding residency_gate/
-
-
-def _raw(key: SigningKey) -> bytes:
-    return key.private.private_bytes(serialization.Encoding.Raw,
-                                     serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption())
-
 
 class ProcessAuditWriter(WriterState):
     """Drop-in for :class:`AuditWriter` (open/append/rotate_key/close/close_sync/healthy/stats)."""
@@ -120,35 +107,8 @@ class ProcessAuditWriter(WriterState):
         Synchronous, like AuditWriter.open: call before serving. Raises AuditError."""
         if self._state != "new":
             raise AuditError(f"audit writer already {self._state}")
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "residency_gate.audit.writer_child", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
-            )
-        except OSError as exc:
-            parent.close()
-            raise AuditError(f"cannot start the audit writer process: {exc}") from exc
-        finally:
-            child.close()
-        self._sock = parent
-        cfg = dict(self._config, pid=os.getpid(), key=_raw(self.key),
-                   retired=[_raw(k) for k in self.key.retired])
-        conn = Connection(os.dup(parent.fileno()))  # blocking, for the handshake only
-        try:
-            conn.send_bytes(marshal.dumps(cfg))
-            ready = self._handshake(conn, time.monotonic() + self.start_timeout)
-        except (OSError, AuditError, ValueError, EOFError) as exc:
-            self._stop_child(kill=True)
-            if isinstance(exc, AuditError):
-                raise
-            raise AuditError(f"cannot open audit log in {self.directory}: "
-                             f"audit writer process: {exc}") from exc
-        finally:
-            conn.close()
+        self._proc, self._sock, ready = start_child(
+            self._config, self.key, self.directory, self.start_timeout, self.ack_timeout)
         self._stats_raw = ready["stats"]
         self._state = "open"
 
@@ -176,7 +136,7 @@ class ProcessAuditWriter(WriterState):
     async def rotate_key(self, new_key: SigningKey) -> dict:
         """Hand the chain over to ``new_key`` now: a key_rotation record signed by the old key."""
         self._check_usable()
-        rec = await self._submit(marshal.dumps(("k", _raw(new_key))), "key_rotation", None)
+        rec = await self._submit(marshal.dumps(("k", raw_key(new_key))), "key_rotation", None)
         self.key = new_key
         return rec
 
@@ -429,43 +389,9 @@ class ProcessAuditWriter(WriterState):
                 except RuntimeError:  # its loop is closed
                     pass
 
-    # ------------------------------------------------------------------ sync helpers
-
-    def _handshake(self, conn: Connection, deadline: float) -> dict:
-        """Read messages (blocking) until the child reports ready or failed."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not conn.poll(left):
-                raise AuditError("the audit writer process did not answer in time")
-            try:
-                msg = marshal.loads(conn.recv_bytes(MAX_FRAME))
-            except EOFError:
-                code = self._proc.wait(5) if self._proc else None
-                raise AuditError(f"the audit writer process exited (code {code})") from None
-            op = msg[0]
-            if op == "R":
-                return msg[1]
-            if op == "L":
-                log.log(msg[1], "%s", msg[2])
-            elif op == "F":
-                raise AuditError(msg[2] if msg[1] == "open" else
-                                 f"cannot open audit log in {self.directory}: {msg[2]}")
+    # ------------------------------------------------------------------ the process
 
     def _stop_child(self, kill: bool = False) -> None:
         proc, self._proc = self._proc, None
         sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()  # EOF: a child still running flushes and exits
-            except OSError:
-                pass
-        if proc is None:
-            return
-        if kill and proc.poll() is None:
-            proc.kill()
-        try:
-            proc.wait(self.ack_timeout)
-        except subprocess.TimeoutExpired:
-            log.error("audit writer process %d did not exit; killing it", proc.pid)
-            proc.kill()
-            proc.wait(5)
+        stop_child(proc, sock, kill=kill, timeout=self.ack_timeout)
