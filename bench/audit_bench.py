@@ -2,11 +2,14 @@
 fsync=group vs fsync=always; first, µs per canonical serialisation of a decision record.
 
     .venv/bin/python bench/audit_bench.py [--seconds 2] [--concurrency 64] [--dir DIR]
-        [--writer thread,process] [--fsync group,always]
+        [--writer thread,process] [--fsync group,always] [--no-outcomes]
 
-Each case runs `concurrency` tasks that append decision records back to back (as the
-proxy's concurrent flows do) for a bounded time, in a fresh directory on the same
-filesystem as --dir (default: a temp dir under ./var, i.e. the disk the log lives on).
+Each case runs `concurrency` tasks that do what the proxy does per request, back to back,
+for a bounded time: append a decision record and wait until it is durable, then write an
+`outcome` record without waiting (`append_nowait` where the writer has it, else a task per
+outcome, as the proxy did before); with --no-outcomes, decisions only. In a fresh directory
+on the same filesystem as --dir (default: a temp dir under ./var, i.e. the disk the log
+lives on). Records count both kinds.
 
 `proxy µs/rec` is the CPU this (the proxy's) process spent per record, all its threads
 included: for the thread writer that is everything, for the process writer only the
@@ -30,14 +33,29 @@ from residency_gate.audit import AuditWriter, SigningKey
 from residency_gate.audit.canonical import canonical, dumps_plain
 from residency_gate.audit.writer_process import ProcessAuditWriter
 
+# a decision record as the proxy writes it (audit.record.decision_fields), and its outcome
 FIELDS = {
-    "client": "10.20.0.7", "user": None, "method": "POST",
-    "url": "https://api.openai.com/v1/chat/completions", "host": "api.openai.com",
-    "provider": "openai", "endpoint": "chat.completions", "model": "gpt-4o",
-    "requirement": ["eu"], "requirement_sources": ["header"], "places": ["us"],
-    "decision": "block", "reason": "gpt-4o on api.openai.com is processed in us",
-    "status": 451, "body_sha256": "ab" * 32,
+    "advice": [], "body_bytes": 68, "body_sha256": "ab" * 32, "client": "10.20.0.7",
+    "code": "outside_requirement", "decision": "block", "endpoint": "global", "enforced": True,
+    "host": "api.openai.com",
+    "inputs": {"path": "/v1/chat/completions", "reads": {"body": "object",
+                                                         "body:model": "gpt-4o"},
+               "signed": False},
+    "located_by": "fixed for this endpoint", "method": "POST", "model": "gpt-4o",
+    "places": ["global"], "processing": ["global"], "provider": "openai",
+    "reason": "Blocked by residency policy: requirement eu (from header X-Data-Residency: "
+              "eu), but api.openai.com (OpenAI, OpenAI API (global)) may process this "
+              "request in anywhere (fixed for this endpoint), which includes 223 places "
+              "outside it.",
+    "requirement": ["eu"], "requirement_places": ["eu"],
+    "requirement_sources": [{"detail": "header X-Data-Residency: eu", "mode": "enforce",
+                             "names": ["eu"], "source": "tag"}],
+    "revisions": {"catalog": "c8fcedc736487dc0", "config": "defaults"}, "status": 451,
+    "storage": ["global"], "tags": ["eu"], "url": "https://api.openai.com/v1/chat/completions",
+    "user": None,
 }
+OUTCOME = {"decision_id": "bench:1", "status": 451, "bytes_in": 68, "bytes_out": None,
+           "duration_ms": 3, "error": None, "error_kind": None}
 WRITERS = {"thread": AuditWriter, "process": ProcessAuditWriter}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -70,24 +88,40 @@ def proc_cpu(pid: int | None) -> float:
 
 
 async def run(writer: str, mode: str, directory: Path, seconds: float,
-              concurrency: int) -> dict:
+              concurrency: int, outcomes: bool = True) -> dict:
     w = WRITERS[writer](directory, SigningKey.generate(), "bench", fsync=mode)
     w.open()
     child = w.pid if isinstance(w, ProcessAuditWriter) else None  # AuditWriter.pid: ours
     stop = time.perf_counter() + seconds
     count = 0
     latencies: list[float] = []
+    background: set[asyncio.Task] = set()
+    nowait = getattr(w, "append_nowait", None)
+
+    async def outcome() -> None:  # the proxy's _write_outcome before append_nowait
+        await w.append("outcome", OUTCOME)
 
     async def worker():
         nonlocal count
+        loop = asyncio.get_running_loop()
         while time.perf_counter() < stop:
             t = time.perf_counter()
             await w.append("decision", FIELDS)
             latencies.append(time.perf_counter() - t)
             count += 1
+            if outcomes:
+                if nowait is not None:
+                    nowait("outcome", OUTCOME)
+                else:
+                    task = loop.create_task(outcome())
+                    background.add(task)
+                    task.add_done_callback(background.discard)
+                count += 1
 
     t0, cpu0, child0 = time.perf_counter(), time.process_time(), proc_cpu(child)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    while background:
+        await asyncio.gather(*background)
     elapsed = time.perf_counter() - t0
     cpu, child_cpu = time.process_time() - cpu0, proc_cpu(child) - child0
     await w.close()
@@ -108,6 +142,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("var"))
     ap.add_argument("--writer", default="thread,process", help="comma-separated: thread,process")
     ap.add_argument("--fsync", default="group,always", help="comma-separated: group,always")
+    ap.add_argument("--no-outcomes", action="store_true", help="decision records only")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="audit-bench-", dir=args.dir))
@@ -118,7 +153,7 @@ def main() -> None:
         for mode in args.fsync.split(","):
             for writer in args.writer.split(","):
                 r = asyncio.run(run(writer, mode, base / f"{writer}-{mode}", args.seconds,
-                                    args.concurrency))
+                                    args.concurrency, not args.no_outcomes))
                 wus = "" if r["writer_us"] is None else f"{r['writer_us']:14.1f}"
                 print(f"{r['writer']:8} {r['mode']:7} {r['rps']:10.0f} {r['records']:8d} "
                       f"{r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['fsyncs']:7d} "

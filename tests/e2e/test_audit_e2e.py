@@ -357,12 +357,15 @@ def _edit(old: bytes, new: bytes) -> Callable[[Path, int], None]:
 
 
 def _one_byte(d: Path, seq: int) -> None:
+    """One byte of the record's content (in a compressed segment: of what it decompresses to,
+    compressed again; a byte of the compressed stream may not decompress at all)."""
     f, i, x = find(d, seq)
     pos = x.index(b'"body_sha256":"') + len(b'"body_sha256":"')
-    data = bytearray(f.read_bytes())
-    start = sum(len(y) + 1 for y in lines_of(f)[:i])
-    data[start + pos] = ord("0") if data[start + pos] != ord("0") else ord("1")
-    f.write_bytes(bytes(data))
+    y = bytearray(x)
+    y[pos] = ord("0") if y[pos] != ord("0") else ord("1")
+    ls = lines_of(f)
+    ls[i] = bytes(y)
+    write_lines(f, ls)
 
 
 @pytest.mark.parametrize("tamper", [

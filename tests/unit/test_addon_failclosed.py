@@ -18,7 +18,7 @@ import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
 from helpers import policy_from
-from residency_gate.audit import writer as writer_mod
+from residency_gate.audit import segment_file as writer_mod
 from residency_gate.audit.keys import load_or_create_signing_key
 from residency_gate.audit.verify import verify
 from residency_gate.audit.writer import AuditWriter

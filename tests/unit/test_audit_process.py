@@ -4,6 +4,7 @@ a separate process can get wrong (the child dying or hanging, the parent being k
 two writers on one origin)."""
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 from audit_helpers import BOTH, ORIGIN, check, lines_of, run_writer
 from residency_gate.audit.canonical import parse
 from residency_gate.audit.chain import segment_name
-from residency_gate.audit.writer import AuditError, AuditWriter
+from residency_gate.audit.writer import AuditError, AuditRecordError, AuditWriter
 from residency_gate.audit.writer_process import ProcessAuditWriter
 
 # Semantics shared with the thread writer are tested for both in test_audit_writer.py;
@@ -440,3 +441,100 @@ def test_outcome_records_ride_along_or_go_out_after_a_short_delay(tmp_path, cert
     assert sends[0].count(b"outcome") == 1  # the outcome was in the decision's send
     assert alone["kind"] == rec["kind"] == "outcome" and rec["seq"] < dec["seq"]
     assert check(d, certs).ok
+
+
+# ---------------------------------------------------------------------------
+# fire-and-forget appends (the proxy's outcome records)
+
+
+@BOTH
+def test_append_nowait_is_a_future_of_the_durable_record(tmp_path, certs, key, cls):
+    """No task, no coroutine: the record is queued at the call; its future resolves once
+    it is durable, in order with awaited appends; what cannot be queued raises at once."""
+    d = tmp_path / "a"
+
+    async def go():
+        w = cls(d, key, ORIGIN)
+        w.open()
+        tasks = len(asyncio.all_tasks())
+        futs = [w.append_nowait("outcome", {"decision_id": f"x:{i}"}) for i in range(20)]
+        assert all(isinstance(f, asyncio.Future) for f in futs)
+        assert len(asyncio.all_tasks()) <= tasks + 3  # the writer's own, not one per record
+        with pytest.raises(AuditRecordError):
+            w.append_nowait("outcome", {"seq": 1})
+        with pytest.raises(AuditRecordError):
+            w.append_nowait("", {})
+        dec = await w.append("decision", {"n": 1})
+        outs = await asyncio.gather(*futs)
+        await w.close()
+        with pytest.raises(AuditError):
+            w.append_nowait("outcome", {"decision_id": "late"})
+        return outs, dec
+
+    outs, dec = asyncio.run(go())
+    assert [o["seq"] for o in outs] == list(range(1, 21)) and dec["seq"] == 21
+    assert [o["decision_id"] for o in outs] == [f"x:{i}" for i in range(20)]
+    assert [x["kind"] for x in lines_of(d)][1:22] == ["outcome"] * 20 + ["decision"]
+    assert check(d, certs).ok
+
+
+def test_append_nowait_before_the_first_await_is_sent_once_connected(tmp_path, certs, key):
+    """The first record on a new event loop is queued while the stream connects."""
+    d = tmp_path / "a"
+
+    async def go():
+        w = ProcessAuditWriter(d, key, ORIGIN)
+        w.open()
+        fut = w.append_nowait("outcome", {"decision_id": "first"})
+        rec = await asyncio.wait_for(fut, 5)
+        await w.close()
+        return rec
+
+    assert asyncio.run(go())["seq"] == 1
+    assert check(d, certs).ok
+
+
+def test_append_nowait_fails_its_future_when_the_child_dies(tmp_path, key, caplog):
+    async def go():
+        w = ProcessAuditWriter(d, key, ORIGIN)
+        w.open()
+        await w.append("decision", {"n": 0})
+        os.kill(w.pid, signal.SIGKILL)
+        fut = w.append_nowait("outcome", {"decision_id": "x"})
+        with pytest.raises(AuditError):
+            await asyncio.wait_for(fut, 10)
+        assert not w.healthy
+        await w.close()
+
+    d = tmp_path / "a"
+    with caplog.at_level(logging.CRITICAL):
+        asyncio.run(go())
+
+
+def test_child_reads_frames_split_anywhere(tmp_path):
+    """The writer process reads what the socket holds at once and splits it into
+    messages; a message cut anywhere (header included) waits for its rest."""
+    import marshal
+    import socket
+    from multiprocessing.connection import Connection
+
+    from residency_gate.audit.writer_child import _Child
+
+    parent, child_end = socket.socketpair()
+    child = _Child(Connection(child_end.detach()))
+    msgs = [("a", "decision", {"n": i, "s": "é" * i}) for i in range(50)]
+    data = b"".join(len(p).to_bytes(4, "big") + p for p in map(marshal.dumps, msgs))
+    got: list = []
+    cuts = [0, 1, 3, 4, 5, 77, 200, 201, len(data) - 2, len(data)]
+    for a, b in itertools.pairwise(cuts):
+        parent.sendall(data[a:b])
+        got += child.receive(0.05)
+    assert got == msgs and not child.eof and not child.buf
+    parent.sendall((10).to_bytes(4, "big") + b"abc")  # a cut message, then EOF
+    parent.close()
+    assert child.receive(0.5) == [] and child.eof
+    bad_parent, bad_child = socket.socketpair()
+    child = _Child(Connection(bad_child.detach()))
+    bad_parent.sendall((-5).to_bytes(4, "big", signed=True))
+    assert child.receive(0.5) == [] and child.eof  # a bad length is the end, as before
+    bad_parent.close()

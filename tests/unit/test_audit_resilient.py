@@ -112,3 +112,27 @@ def test_a_writer_that_keeps_dying_is_given_up_on(tmp_path, certs, key, monkeypa
         await sink.close()
 
     asyncio.run(go())
+
+
+def test_append_nowait_through_the_sink_and_its_restart(tmp_path, certs, key):
+    """Fire-and-forget outcomes go through the sink; while the writer is being replaced
+    they are refused at once (never forwarded to a dead writer), then accepted again."""
+    d = tmp_path / "a"
+    sink = ResilientAudit(lambda: ProcessAuditWriter(d, key, ORIGIN), 3)
+
+    async def go() -> list[dict]:
+        sink.open()
+        done = [await sink.append_nowait("outcome", {"decision_id": "a"})]
+        os.kill(sink.writer.pid, signal.SIGKILL)
+        await until(lambda: not sink.healthy)
+        with pytest.raises(AuditError):
+            sink.append_nowait("outcome", {"decision_id": "b"})
+        await until(lambda: sink.healthy)
+        done.append(await sink.append_nowait("outcome", {"decision_id": "c"}))
+        await sink.close()
+        return done
+
+    done = asyncio.run(go())
+    on_disk = {o["seq"]: o for o in lines_of(d)}
+    assert [on_disk[r["seq"]]["decision_id"] for r in done] == ["a", "c"]
+    assert check(d, certs).ok

@@ -485,7 +485,7 @@ def test_fast_reading_falls_back_to_parsing_when_a_line_fools_it(tmp_path):
                                         "decision": "allow", "n": i})
         await w.close()
     asyncio.run(go())
-    from residency_gate.audit.verify import _extract
+    from residency_gate.audit.scan import scan_fields as _extract
 
     _f, _i, x = find(d, 3)
     assert _extract(x)[:2] != (3, parse(x)["prev"])  # the fast reading is fooled here

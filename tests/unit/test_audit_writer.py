@@ -121,15 +121,15 @@ def test_group_commit_returns_only_after_fsync(tmp_path, key, monkeypatch):
         real_fsync(fd)
         synced.append(written["n"])
 
-    import residency_gate.audit.writer as wmod
-    real_write_all = wmod._write_all
+    import residency_gate.audit.segment_file as wmod
+    real_write_all = wmod.write_all
 
     def counting_write(fd, data):
         real_write_all(fd, data)
         written["n"] += data.count(b"\n")
 
     monkeypatch.setattr(wmod.os, "fsync", counting_fsync)
-    monkeypatch.setattr(wmod, "_write_all", counting_write)
+    monkeypatch.setattr(wmod, "write_all", counting_write)
 
     async def go():
         w = AuditWriter(tmp_path / "a", key, ORIGIN, checkpoint_every=10_000)
@@ -155,7 +155,7 @@ def test_group_commit_returns_only_after_fsync(tmp_path, key, monkeypatch):
 
 
 def test_fsync_always_syncs_every_record(tmp_path, key, monkeypatch):
-    import residency_gate.audit.writer as wmod
+    import residency_gate.audit.segment_file as wmod
     count = {"n": 0}
     real = os.fsync
 
@@ -178,7 +178,7 @@ def test_fsync_always_syncs_every_record(tmp_path, key, monkeypatch):
 
 
 def test_fsync_failure_fails_permanently(tmp_path, key, monkeypatch, caplog):
-    import residency_gate.audit.writer as wmod
+    import residency_gate.audit.segment_file as wmod
     state = {"fail": False, "calls": 0}
     real = os.fsync
 
@@ -214,7 +214,7 @@ def test_fsync_failure_fails_permanently(tmp_path, key, monkeypatch, caplog):
 
 
 def test_write_failure_fails(tmp_path, key, monkeypatch):
-    import residency_gate.audit.writer as wmod
+    import residency_gate.audit.segment_file as wmod
 
     async def go():
         w = AuditWriter(tmp_path / "a", key, ORIGIN)
@@ -223,7 +223,7 @@ def test_write_failure_fails(tmp_path, key, monkeypatch):
         def boom(fd, data):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(wmod, "_write_all", boom)
+        monkeypatch.setattr(wmod, "write_all", boom)
         with pytest.raises(AuditError):
             await w.append("decision", {})
         assert not w.healthy
@@ -422,3 +422,49 @@ def test_append_batch_is_one_durable_group_commit(tmp_path, certs, key):
     assert w.append_batch([("x", {})])[0]["key_id"] == new.key_id
     w.close_sync()
     assert verify([d], {key.key_id: key.public}, None).ok
+
+
+@BOTH
+def test_settings_by_object_or_keyword(tmp_path, key, cls):
+    """Both writers take one WriterSettings (what open_audit passes) or its fields as
+    keywords (which override it); a bad value or an unknown option is refused."""
+    from residency_gate.audit.housekeeping import Retention
+    from residency_gate.audit.writer_api import WriterSettings
+
+    s = WriterSettings(fsync="always", rotate_bytes="4096", checkpoint_every=0,
+                       anchor_file=str(tmp_path / "anchor"), compress="zstd",
+                       retention=Retention(30, None, tmp_path / "arch"))
+    assert (s.rotate_bytes, s.checkpoint_every, s.anchor_file) == (4096, 1, tmp_path / "anchor")
+    assert WriterSettings.from_wire(s.to_wire()) == s
+    w = cls(tmp_path / "a", key, ORIGIN, settings=s, checkpoint_seconds=5)
+    assert w.settings == WriterSettings.of(s, checkpoint_seconds=5)
+    assert cls(tmp_path / "b", key, ORIGIN, fsync="always").settings.fsync == "always"
+    with pytest.raises(ValueError, match="fsync"):
+        cls(tmp_path / "c", key, ORIGIN, fsync="sometimes")
+    with pytest.raises(TypeError):
+        cls(tmp_path / "c", key, ORIGIN, rotate_megabytes=1)
+
+
+@BOTH
+def test_fields_changed_after_append_do_not_change_the_record(tmp_path, certs, key, cls):
+    """The writer keeps a copy of the fields as they were at append (the thread writer
+    serialises them later, on its worker thread)."""
+    d = tmp_path / "a"
+
+    async def go():
+        w = cls(d, key, ORIGIN)
+        w.open()
+        fields = {"places": ["eu"], "inputs": {"reads": {"model": "m"}}, "n": 1}
+        fut = w.append_nowait("decision", fields)
+        fields["places"].append("us")
+        fields["inputs"]["reads"]["model"] = "changed"
+        fields["n"] = 2
+        rec = await fut
+        await w.close()
+        return rec
+
+    rec = asyncio.run(go())
+    written = next(o for o in lines_of(d) if o["seq"] == rec["seq"])
+    assert (written["places"], written["inputs"], written["n"]) == (
+        ["eu"], {"reads": {"model": "m"}}, 1)
+    assert check(d, certs).ok

@@ -8,7 +8,8 @@ from .keys import (
     load_public_keys,
     rotate_key,
 )
-from .writer import AuditError, AuditRecordError, AuditStats, AuditWriter
+from .writer import AuditWriter
+from .writer_api import AuditError, AuditRecordError, AuditStats, WriterSettings
 
 __all__ = [
     "AuditError",
@@ -17,6 +18,7 @@ __all__ = [
     "AuditWriter",
     "CanonicalError",
     "SigningKey",
+    "WriterSettings",
     "canonical",
     "default_public_keys",
     "load_or_create_signing_key",

@@ -17,6 +17,7 @@ tests/unit/test_audit_canonical.py holds both to rfc8785 on random records.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import rfc8785
@@ -24,7 +25,10 @@ import rfc8785
 MAX_SAFE_INT = 2**53 - 1
 MAX_DEPTH = 64
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+# check_circular off: dumps_plain only gets what passed is_plain (no cycles: depth-bounded)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+                            check_circular=False)
+_SURROGATE = re.compile("[\ud800-\udfff]").search
 
 
 class CanonicalError(ValueError):
@@ -32,14 +36,16 @@ class CanonicalError(ValueError):
 
 
 def is_plain(obj: Any, depth: int = 0) -> bool:
-    """True when ``obj`` has only the allowed types (exactly, no subclasses or tuples) and
-    every object key is BMP-only: then dumps_plain(obj) is its canonical form."""
+    """True when ``obj`` has only the allowed types (exactly, no subclasses or tuples), every
+    object key is BMP-only and no string holds a lone surrogate: then dumps_plain(obj) is its
+    canonical form (and cannot fail)."""
     if depth > MAX_DEPTH:
         return False
     t = type(obj)
     if t is dict:
         for k in obj:
-            if type(k) is not str or (not k.isascii() and max(k) > "\uffff"):
+            if type(k) is not str or (not k.isascii() and (max(k) > "\uffff"
+                                                           or _SURROGATE(k) is not None)):
                 return False
         values = obj.values()
     elif t is list:
@@ -48,7 +54,11 @@ def is_plain(obj: Any, depth: int = 0) -> bool:
         values = (obj,)
     for v in values:
         tv = type(v)
-        if tv is str or v is None or tv is bool:
+        if tv is str:
+            if v.isascii() or _SURROGATE(v) is None:
+                continue
+            return False
+        if v is None or tv is bool:
             continue
         if tv is int:
             if not -MAX_SAFE_INT <= v <= MAX_SAFE_INT:
@@ -69,7 +79,10 @@ def _check(obj: Any, depth: int = 0) -> None:
     """Raise CanonicalError, naming the reason, for what rfc8785 should not get."""
     if depth > MAX_DEPTH:
         raise CanonicalError(f"nesting deeper than {MAX_DEPTH} levels")
-    if obj is None or isinstance(obj, (str, bool)):
+    if isinstance(obj, str):
+        _check_text(obj)
+        return
+    if obj is None or isinstance(obj, bool):
         return
     if isinstance(obj, int):
         if not -MAX_SAFE_INT <= obj <= MAX_SAFE_INT:
@@ -81,6 +94,7 @@ def _check(obj: Any, depth: int = 0) -> None:
         for key, value in obj.items():
             if not isinstance(key, str):
                 raise CanonicalError(f"object key {key!r} is not a string")
+            _check_text(key)
             _check(value, depth + 1)
         return
     if isinstance(obj, (list, tuple)):
@@ -88,6 +102,11 @@ def _check(obj: Any, depth: int = 0) -> None:
             _check(value, depth + 1)
         return
     raise CanonicalError(f"type {type(obj).__name__} is not allowed in audit records")
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii() and _SURROGATE(text) is not None:
+        raise CanonicalError("string contains a lone surrogate")
 
 
 def canonical(obj: Any) -> bytes:

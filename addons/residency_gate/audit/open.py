@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from .housekeeping import Retention
 from .keys import load_or_create_signing_key
 from .resilient import ResilientAudit
 from .writer import AuditWriter
+from .writer_api import WriterSettings
 from .writer_process import ProcessAuditWriter
 
 log = logging.getLogger("residency_gate")
@@ -26,6 +28,14 @@ class NullAudit:
         self._seq = 0
 
     async def append(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return self._record()
+
+    def append_nowait(self, kind: str, fields: dict[str, Any]) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(self._record())
+        return fut
+
+    def _record(self) -> dict[str, Any]:
         self._seq += 1
         return {"id": f"bench:{self._seq}"}
 
@@ -45,16 +55,16 @@ def open_audit(audit: AuditConfig, certs_dir, origin: str | None = None,
                      "(benchmarking only; never run a real proxy like this)")
         return NullAudit()
     key = load_or_create_signing_key(certs_dir)
-    settings: dict[str, Any] = dict(
+    settings = WriterSettings(
         fsync=audit.fsync, rotate_bytes=audit.rotate_bytes, rotate_seconds=audit.rotate_seconds,
         checkpoint_every=audit.checkpoint_every, checkpoint_seconds=audit.checkpoint_seconds,
         anchor_file=audit.anchor, compress=audit.compress, retention=_retention(audit))
     origin = origin or audit.origin
     if os.environ.get("RESIDENCY_GATE_AUDIT_THREAD") == "1":
-        writer = AuditWriter(audit.dir, key, origin, **settings)
+        writer = AuditWriter(audit.dir, key, origin, settings=settings)
         writer.open()
         return writer
-    sink = ResilientAudit(lambda: ProcessAuditWriter(audit.dir, key, origin, **settings),
+    sink = ResilientAudit(lambda: ProcessAuditWriter(audit.dir, key, origin, settings=settings),
                           audit.writer_restarts, on_restart)
     sink.open()
     return sink

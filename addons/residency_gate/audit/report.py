@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 
-from .verify import ERROR, WARNING, Report
+from .verdict import ERROR, WARNING, Report
 
 TOP = 20            # rows per count table
 TOP_FLOWS = 10      # blocked flow groups listed

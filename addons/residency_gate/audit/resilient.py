@@ -45,6 +45,8 @@ class Writer(Protocol):
 
     async def append(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]: ...
 
+    def append_nowait(self, kind: str, fields: dict[str, Any]) -> asyncio.Future: ...
+
     async def close(self) -> None: ...
 
 
@@ -96,17 +98,31 @@ class ResilientAudit:
         return self._writer
 
     async def append(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        writer = self._usable()
+        try:
+            return await writer.append(kind, fields)
+        finally:
+            if writer.failure is not None:
+                self._on_failure(writer)
+
+    def append_nowait(self, kind: str, fields: dict[str, Any]) -> asyncio.Future:
+        """The writer's append_nowait (for records nobody waits on: outcomes). A writer that
+        fails meanwhile is noticed by the next append, or within POLL_SECONDS."""
+        writer = self._usable()
+        try:
+            return writer.append_nowait(kind, fields)
+        finally:
+            if writer.failure is not None:
+                self._on_failure(writer)
+
+    def _usable(self) -> Writer:
         self._supervise()
         writer = self._writer
         if self._given_up is not None:
             raise AuditError(f"audit log failed for good: {self._given_up}")
         if writer is None or self._restarting is not None:
             raise AuditError("audit writer process is being restarted")
-        try:
-            return await writer.append(kind, fields)
-        finally:
-            if writer.failure is not None:
-                self._on_failure(writer)
+        return writer
 
     async def close(self) -> None:
         self._closing = True

@@ -3,10 +3,11 @@
 Started by :class:`~residency_gate.audit.writer_process.ProcessAuditWriter`; FD is its end of a
 Unix socketpair. Everything the in-process :class:`AuditWriter` does on its worker thread
 (recovery at open, building, canonicalising, signing, chaining and writing records, group
-commit fsync, rotation, checkpoints, the anchor file) happens here, through AuditWriter's
-synchronous API (``open``, ``append_batch``, ``rotate_key_sync``, ``close_sync``), so it
-costs the proxy's event loop neither CPU nor the GIL. So do compression and retention of
-rotated segments (AuditWriter's background thread, housekeeping.py).
+commit fsync, rotation, checkpoints, the anchor file) happens here, through the synchronous
+API of :class:`~residency_gate.audit.chain_writer.ChainWriter` (``open``, ``append_batch``,
+``rotate_key_sync``, ``close_sync``), so it costs the proxy's event loop neither CPU nor the
+GIL. So do compression and retention of rotated segments (housekeeping.py's thread). The
+fields arrive as a fresh copy (unmarshalled here), which the writer uses without copying.
 
 Protocol: messages framed as :class:`multiprocessing.connection.Connection` frames them (a
 4-byte big-endian length, then the payload), each payload a ``marshal``-ed tuple.
@@ -54,13 +55,15 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .chain import origin_safe
-from .housekeeping import Retention
+from .chain_writer import ChainWriter
 from .keys import SigningKey
-from .writer import AuditError, AuditRecordError, AuditWriter
+from .writer_api import AuditError, AuditRecordError, WriterSettings
 
 log = logging.getLogger("residency_gate.audit")
 
 MAX_FRAME = 64 << 20
+HEADER = 4  # multiprocessing.connection's length prefix: 4 bytes, big-endian
+READ_BYTES = 1 << 20
 PARENT_CHECK_SECONDS = 1.0
 
 
@@ -79,17 +82,37 @@ class _Child:
         self.readable = select.poll()
         self.readable.register(conn.fileno(), select.POLLIN)
         self.eof = False
-        self.writer: AuditWriter | None = None
+        self.fd = conn.fileno()
+        self.buf = bytearray()  # received, not yet a whole message
+        self.writer: ChainWriter | None = None
 
     # -------------------------------------------------------------- I/O
 
     def receive(self, timeout: float | None) -> list[Any]:
-        """Every message the parent has sent by now, waiting up to ``timeout`` for the first."""
+        """Every message the parent has sent by now, waiting up to ``timeout`` for the first.
+
+        Reads what the socket holds in one read (not two per message, as Connection does)
+        and splits it into frames; a frame not complete yet waits for the next call."""
         msgs: list[Any] = []
+        buf = self.buf
         try:
             while not self.eof and self.readable.poll(
                     0 if msgs else None if timeout is None else timeout * 1000):
-                msgs.append(marshal.loads(self.conn.recv_bytes(MAX_FRAME)))
+                data = os.read(self.fd, READ_BYTES)
+                if not data:
+                    raise EOFError
+                buf += data
+                pos, end = 0, len(buf)
+                while end - pos >= HEADER:
+                    size = int.from_bytes(buf[pos:pos + HEADER], "big", signed=True)
+                    if not 0 <= size <= MAX_FRAME:
+                        raise OSError(f"bad message length {size}")
+                    if end - pos - HEADER < size:
+                        break
+                    pos += HEADER
+                    msgs.append(marshal.loads(buf[pos:pos + size]))
+                    pos += size
+                del buf[:pos]
         except (EOFError, OSError):
             self.eof = True
         return msgs
@@ -102,18 +125,11 @@ class _Child:
 
     # -------------------------------------------------------------- setup
 
-    def open(self, cfg: dict) -> AuditWriter:
+    def open(self, cfg: dict) -> ChainWriter:
         key = _key(cfg["key"], tuple(_key(raw) for raw in cfg["retired"]))
         directory = Path(cfg["directory"])
-        w = AuditWriter(
-            directory, key, cfg["origin"], fsync=cfg["fsync"],
-            rotate_bytes=cfg["rotate_bytes"], rotate_seconds=cfg["rotate_seconds"],
-            checkpoint_every=cfg["checkpoint_every"],
-            checkpoint_seconds=cfg["checkpoint_seconds"],
-            anchor_file=Path(cfg["anchor_file"]) if cfg.get("anchor_file") else None,
-            compress=cfg.get("compress", "none"),
-            retention=_retention(cfg.get("retention")),
-        )
+        w = ChainWriter(directory, key, cfg["origin"],
+                        settings=WriterSettings.from_wire(cfg["settings"]))
         w.pid = cfg.get("pid") or os.getpid()
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -167,12 +183,14 @@ class _Child:
                     if op == "a":
                         batch.append((msg[1], msg[2]))
                     elif op == "k":  # in order: what came before is written first
-                        results += w.append_batch(batch)
+                        results += w.append_batch(batch, owned=True)
                         batch = []
                         results.append(w.rotate_key_sync(_key(msg[1])))
                     elif op == "c":
                         closing = True
-                results += w.append_batch(batch)  # also a time checkpoint, when due
+                # fields fresh from marshal: the writer's own (no copy); also a time
+                # checkpoint, when due
+                results += w.append_batch(batch, owned=True)
             except AuditError:
                 return self.fatal("write")
             if results:
@@ -196,13 +214,6 @@ class _Child:
         return 2
 
 
-def _retention(raw: tuple | None) -> Retention | None:
-    if raw is None:
-        return None
-    age, size, archive = raw
-    return Retention(age, size, Path(archive) if archive else None)
-
-
 def _result(rec: dict | AuditRecordError) -> tuple | dict | str:
     """What the parent needs to answer an append: it has kind and fields."""
     if isinstance(rec, AuditRecordError):
@@ -212,7 +223,7 @@ def _result(rec: dict | AuditRecordError) -> tuple | dict | str:
     return (rec["seq"], rec["ts"], rec["prev"], rec["key_id"], rec["sig"])
 
 
-def _stats(w: AuditWriter) -> tuple:
+def _stats(w: ChainWriter) -> tuple:
     return tuple(vars(w.stats).values())
 
 

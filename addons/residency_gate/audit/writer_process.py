@@ -1,10 +1,10 @@
 """The audit writer in its own process: AuditWriter's API, none of its CPU in the proxy.
 
-Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80 µs), and the
-proxy writes two per request. In-process, that work runs on a thread that shares the
-GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
+Every record costs canonical JSON, an Ed25519 signature and a SHA-256 (~80-100 µs here),
+and the proxy writes two per request. In-process, that work runs on a thread that shares
+the GIL with mitmproxy's event loop, so it lands on the proxy's one core. Here a child
 process (``python -m residency_gate.audit.writer_child``, see there for the protocol) runs
-:class:`AuditWriter`; the proxy only marshals the fields, writes all the appends of one
+the same chain writer; the proxy only marshals the fields, writes all the appends of one
 event-loop iteration to a socketpair in one ``send`` (an asyncio stream), and resolves
 each append when the child reports its group commit durable (fsynced).
 
@@ -22,23 +22,18 @@ import collections
 import json
 import logging
 import marshal
-import os
 import socket
 import subprocess
-import sys
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
 from .canonical import CanonicalError, canonical
-from .chain import RESERVED, VERSION
-from .housekeeping import Retention
+from .chain import VERSION
 from .keys import SigningKey
-from .writer import AuditError, AuditRecordError, AuditStats
-from .writer_child import MAX_FRAME
+from .writer_api import AuditError, AuditRecordError, AuditStats, WriterSettings, WriterState
+from .writer_child import HEADER, MAX_FRAME
+from .writer_launch import raw_key, start_child, stop_child
 
 log = logging.getLogger("residency_gate.audit")
 
@@ -47,59 +42,25 @@ log = logging.getLogger("residency_gate.audit")
 # writer process per request instead of two.
 DEFERRED_KINDS = frozenset({"outcome"})
 DEFER_SECONDS = 0.002
-HEADER = 4  # multiprocessing.connection's length prefix: 4 bytes, big-endian
 
-_PKG_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding residency_gate/
-
-
-def _raw(key: SigningKey) -> bytes:
-    return key.private.private_bytes(serialization.Encoding.Raw,
-                                     serialization.PrivateFormat.Raw,
-                                     serialization.NoEncryption())
-
-
-class ProcessAuditWriter:
+class ProcessAuditWriter(WriterState):
     """Drop-in for :class:`AuditWriter` (open/append/rotate_key/close/close_sync/healthy/stats)."""
 
-    def __init__(
-        self,
-        directory: Path,
-        key: SigningKey,
-        origin: str,
-        *,
-        fsync: str = "group",
-        rotate_bytes: int = 64 << 20,
-        rotate_seconds: float = 86400,
-        checkpoint_every: int = 1000,
-        checkpoint_seconds: float = 60.0,
-        anchor_file: Path | None = None,
-        compress: str = "none",
-        retention: Retention | None = None,
-        ack_timeout: float = 10.0,
-        start_timeout: float = 60.0,
-    ) -> None:
-        if fsync not in ("group", "always"):
-            raise ValueError(f"fsync must be 'group' or 'always', not {fsync!r}")
+    def __init__(self, directory: Path, key: SigningKey, origin: str, *,
+                 settings: WriterSettings | None = None, ack_timeout: float = 10.0,
+                 start_timeout: float = 60.0, **options: Any) -> None:
+        """``options``: WriterSettings fields by keyword (they override ``settings``)."""
+        self.settings = WriterSettings.of(settings, **options)
         if not origin:
             raise ValueError("origin must not be empty")
         self.directory = Path(directory)
         self.key = key
         self.origin = origin
-        self.fsync_mode = fsync
-        self.anchor_file = Path(anchor_file) if anchor_file else None
         self.ack_timeout = float(ack_timeout)
         self.start_timeout = float(start_timeout)
         self._config: dict[str, Any] = {
-            "directory": str(self.directory), "origin": origin, "fsync": fsync,
-            "rotate_bytes": int(rotate_bytes), "rotate_seconds": float(rotate_seconds),
-            "checkpoint_every": int(checkpoint_every),
-            "checkpoint_seconds": float(checkpoint_seconds),
-            "anchor_file": str(self.anchor_file) if self.anchor_file else None,
+            "directory": str(self.directory), "origin": origin, "settings": self.settings.to_wire(),
             "lock_timeout": float(start_timeout) / 2,
-            "compress": compress,
-            "retention": None if retention is None else (
-                retention.max_age_days, retention.max_bytes,
-                str(retention.archive_dir) if retention.archive_dir else None),
         }
         self._stats = AuditStats()
         self._state = "new"  # new -> open -> closing -> closed
@@ -125,14 +86,6 @@ class ProcessAuditWriter:
     # ------------------------------------------------------------------ public API
 
     @property
-    def healthy(self) -> bool:
-        return self._state == "open" and self._failed is None
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._failed
-
-    @property
     def stats(self) -> AuditStats:
         """The child's counters as of its latest acknowledgement."""
         if self._stats_raw is not None:
@@ -154,48 +107,22 @@ class ProcessAuditWriter:
         Synchronous, like AuditWriter.open: call before serving. Raises AuditError."""
         if self._state != "new":
             raise AuditError(f"audit writer already {self._state}")
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PKG_ROOT, env.get("PYTHONPATH")) if p)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "residency_gate.audit.writer_child", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env,
-            )
-        except OSError as exc:
-            parent.close()
-            raise AuditError(f"cannot start the audit writer process: {exc}") from exc
-        finally:
-            child.close()
-        self._sock = parent
-        cfg = dict(self._config, pid=os.getpid(), key=_raw(self.key),
-                   retired=[_raw(k) for k in self.key.retired])
-        conn = Connection(os.dup(parent.fileno()))  # blocking, for the handshake only
-        try:
-            conn.send_bytes(marshal.dumps(cfg))
-            ready = self._handshake(conn, time.monotonic() + self.start_timeout)
-        except (OSError, AuditError, ValueError, EOFError) as exc:
-            self._stop_child(kill=True)
-            if isinstance(exc, AuditError):
-                raise
-            raise AuditError(f"cannot open audit log in {self.directory}: "
-                             f"audit writer process: {exc}") from exc
-        finally:
-            conn.close()
+        self._proc, self._sock, ready = start_child(
+            self._config, self.key, self.directory, self.start_timeout, self.ack_timeout)
         self._stats_raw = ready["stats"]
         self._state = "open"
 
     async def append(self, kind: str, fields: dict) -> dict:
         """Append one record; returns it (with seq, id, sig, ...) once durable."""
-        self._check_usable()
-        if not isinstance(kind, str) or not kind:
-            raise AuditRecordError("kind must be a non-empty string")
-        if not isinstance(fields, dict):
-            raise AuditRecordError("fields must be a dict")
-        if not RESERVED.isdisjoint(fields):
-            clash = RESERVED.intersection(fields)
-            raise AuditRecordError(f"reserved field(s) {sorted(clash)} in audit record")
+        return await self.append_nowait(kind, fields)
+
+    def append_nowait(self, kind: str, fields: dict) -> asyncio.Future:
+        """append() for a caller that does not wait (outcome records): queues the record now
+        and returns the future of what append() returns, without a coroutine or a task.
+        Raises AuditError / AuditRecordError at once when the record cannot be queued; the
+        future fails with AuditError when it is not written. Retrieve its outcome (e.g.
+        with a done callback), or asyncio logs an unretrieved exception."""
+        self._check_append(kind, fields)
         try:
             payload = marshal.dumps(("a", kind, fields))
         except ValueError:  # not plain types (a subclass, ...): the canonical copy or refuse
@@ -204,12 +131,12 @@ class ProcessAuditWriter:
             except CanonicalError as exc:
                 raise AuditRecordError(str(exc)) from exc
             payload = marshal.dumps(("a", kind, copy))
-        return await self._submit(payload, kind, fields)
+        return self._submit(payload, kind, fields)
 
     async def rotate_key(self, new_key: SigningKey) -> dict:
         """Hand the chain over to ``new_key`` now: a key_rotation record signed by the old key."""
         self._check_usable()
-        rec = await self._submit(marshal.dumps(("k", _raw(new_key))), "key_rotation", None)
+        rec = await self._submit(marshal.dumps(("k", raw_key(new_key))), "key_rotation", None)
         self.key = new_key
         return rec
 
@@ -249,24 +176,21 @@ class ProcessAuditWriter:
 
     # ------------------------------------------------------------------ sending
 
-    def _check_usable(self) -> None:
-        if self._failed is not None:
-            raise AuditError(f"audit log failed earlier: {self._failed}")
-        if self._state != "open":
-            raise AuditError("audit writer is not open" if self._state == "new"
-                             else "audit writer is closed")
-
-    async def _submit(self, payload: bytes, kind: str, fields: dict | None) -> dict:
+    def _submit(self, payload: bytes, kind: str, fields: dict | None) -> asyncio.Future:
+        """Queue a message that gets an answer; its future. On a loop not bound yet, it is
+        sent once connected (``_connect`` flushes)."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop or self._writer is None:
-            await self._bind(loop)
+        if loop is not self._loop:
+            self._start_bind(loop)
             self._check_usable()
         fut = loop.create_future()
         self._queue(payload, (fut, time.monotonic(), kind, fields), kind not in DEFERRED_KINDS)
-        return await fut
+        return fut
 
     def _queue(self, payload: bytes, waiter: tuple | None, urgent: bool = True) -> None:
-        self._out.append(len(payload).to_bytes(HEADER, "big") + payload)
+        out = self._out
+        out.append(len(payload).to_bytes(HEADER, "big"))
+        out.append(payload)
         loop = self._loop
         assert loop is not None
         if waiter is not None:
@@ -296,14 +220,17 @@ class ProcessAuditWriter:
 
     async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Talk to the writer process on ``loop`` (the loop of the latest caller)."""
+        self._start_bind(loop)
+        if self._connected is not None:
+            await asyncio.shield(self._connected)
+
+    def _start_bind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop:
             self._unbind()
             if self._failed is not None:
                 return
             self._loop = loop
             self._connected = loop.create_task(self._connect(), name="audit-writer-connect")
-        assert self._connected is not None
-        await asyncio.shield(self._connected)
 
     async def _connect(self) -> None:
         assert self._sock is not None
@@ -325,6 +252,8 @@ class ProcessAuditWriter:
         self._writer, self._stream_sock = writer, sock
         self._reader = asyncio.get_running_loop().create_task(
             self._read(reader), name="audit-writer-acks")
+        if self._out:  # queued while connecting
+            self._flush()
 
     def _unbind(self) -> None:
         """Stop using the current loop's streams (the loop is going away, or another one
@@ -460,43 +389,9 @@ class ProcessAuditWriter:
                 except RuntimeError:  # its loop is closed
                     pass
 
-    # ------------------------------------------------------------------ sync helpers
-
-    def _handshake(self, conn: Connection, deadline: float) -> dict:
-        """Read messages (blocking) until the child reports ready or failed."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not conn.poll(left):
-                raise AuditError("the audit writer process did not answer in time")
-            try:
-                msg = marshal.loads(conn.recv_bytes(MAX_FRAME))
-            except EOFError:
-                code = self._proc.wait(5) if self._proc else None
-                raise AuditError(f"the audit writer process exited (code {code})") from None
-            op = msg[0]
-            if op == "R":
-                return msg[1]
-            if op == "L":
-                log.log(msg[1], "%s", msg[2])
-            elif op == "F":
-                raise AuditError(msg[2] if msg[1] == "open" else
-                                 f"cannot open audit log in {self.directory}: {msg[2]}")
+    # ------------------------------------------------------------------ the process
 
     def _stop_child(self, kill: bool = False) -> None:
         proc, self._proc = self._proc, None
         sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()  # EOF: a child still running flushes and exits
-            except OSError:
-                pass
-        if proc is None:
-            return
-        if kill and proc.poll() is None:
-            proc.kill()
-        try:
-            proc.wait(self.ack_timeout)
-        except subprocess.TimeoutExpired:
-            log.error("audit writer process %d did not exit; killing it", proc.pid)
-            proc.kill()
-            proc.wait(5)
+        stop_child(proc, sock, kill=kill, timeout=self.ack_timeout)
