@@ -234,3 +234,66 @@ def test_stuck_audit_write_refuses_within_the_decision_timeout(tmp_path: Path) -
     assert f.response.headers["X-Residency-Decision"] == "block"
     assert elapsed < 1.5
     assert sink.calls >= 1
+
+
+class OutcomeFailsSink:
+    """Decisions are written; the outcome's future fails (the disk filled in between)."""
+
+    healthy = True
+
+    def __init__(self) -> None:
+        self.outcomes = 0
+
+    async def append(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+        return {"id": "d-1"}
+
+    def append_nowait(self, kind: str, fields: dict[str, Any]) -> asyncio.Future:
+        self.outcomes += 1
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+        return fut
+
+
+def test_outcome_records_are_written_without_waiting_and_counted(tmp_path: Path, policy,
+                                                                 key) -> None:
+    """The outcome goes to the writer as a future (no task per request); once durable
+    it is in the chain and counted in residency_gate_audit_records_total."""
+    from residency_gate.ops.metrics import Metrics
+
+    w = open_writer(tmp_path, key)
+    metrics = Metrics()
+    addon = ResidencyGate(Gate(bundle=policy, audit=w, metrics=metrics))
+
+    async def go():
+        f = chat_flow()
+        await drive(addon, f)
+        f.response = tutils.tresp(status_code=200)
+        await call(addon.response, f)
+        assert not addon.gate.background, "the outcome was written through a task"
+        await w.close()
+        return f
+
+    run(go)
+    rep = verify([tmp_path / "audit"], {key.key_id: key.public}, None, collect_records=True)
+    assert rep.ok
+    outcomes = [r for _f, _n, r in rep.records if r["kind"] == "outcome"]
+    assert len(outcomes) == 1 and outcomes[0]["status"] == 200
+    assert metrics.audit_records._value.get() >= 1
+
+
+def test_a_failed_outcome_write_is_logged_not_raised(policy, caplog) -> None:
+    sink = OutcomeFailsSink()
+    addon = ResidencyGate(Gate(bundle=policy, audit=sink))
+
+    async def go():
+        f = chat_flow()
+        await drive(addon, f)
+        f.response = tutils.tresp(status_code=200)
+        await call(addon.response, f)
+        await asyncio.sleep(0)  # the done callback runs
+        return f
+
+    with caplog.at_level("CRITICAL"):
+        run(go)
+    assert sink.outcomes == 1
+    assert "cannot write outcome record" in caplog.text

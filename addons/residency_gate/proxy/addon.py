@@ -372,13 +372,19 @@ class ResidencyGate:
             int((time.monotonic() - state.started) * 1000),
             flow.error.msg if flow.error else None, error_kind)
         state.audit_id = None  # one outcome per decision
-        if self.gate.audit.healthy:
-            self.gate.spawn(self._write_outcome(fields))
-
-    async def _write_outcome(self, fields: dict[str, Any]) -> None:
-        try:
-            await self.gate.audit.append("outcome", fields)
-            if self.gate.metrics:
-                self.gate.metrics.audit_records.inc()
+        if not self.gate.audit.healthy:
+            return
+        try:  # a future, not a task per request: nobody waits for an outcome
+            written = self.gate.audit.append_nowait("outcome", fields)
         except Exception as e:
             log.critical("cannot write outcome record: %s", e)
+            return
+        written.add_done_callback(self._outcome_written)
+
+    def _outcome_written(self, written: asyncio.Future) -> None:
+        if written.cancelled():
+            log.critical("outcome record not written: the writer was closed")
+        elif (e := written.exception()) is not None:
+            log.critical("cannot write outcome record: %s", e)
+        elif self.gate is not None and self.gate.metrics:
+            self.gate.metrics.audit_records.inc()

@@ -21,6 +21,10 @@ class AuditSink(Protocol):
 
     async def append(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]: ...
 
+    def append_nowait(self, kind: str, fields: dict[str, Any]) -> asyncio.Future:
+        """Queue a record nobody waits on (outcomes); the future says how it went."""
+        ...
+
 
 @dataclass
 class Gate:
