@@ -283,7 +283,8 @@ def start_mitmdump(workdir: Path, fake: FakeServer, *, strategy: str = "lazy",
     return p
 
 
-def rg_config(workdir: Path, fake: FakeServer, port: int, extra: dict | None = None) -> Path:
+def rg_config(workdir: Path, fake: FakeServer, port: int, extra: dict | None = None,
+              drop: tuple[str, ...] = ()) -> Path:
     import yaml
 
     cfg = {
@@ -297,6 +298,8 @@ def rg_config(workdir: Path, fake: FakeServer, port: int, extra: dict | None = N
         "access": {"connect_ports": [443, fake.port]},
     }
     cfg.update(extra or {})
+    for key in drop:  # keys an older checkout does not know (bench/profile_bench.py --tree)
+        cfg.pop(key, None)
     path = workdir / "residency-gate.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -304,11 +307,11 @@ def rg_config(workdir: Path, fake: FakeServer, port: int, extra: dict | None = N
 
 def start_rg(workdir: Path, fake: FakeServer, *, audit: bool = True, extra: dict | None = None,
              args: tuple[str, ...] = (), name: str = "residency-gate",
-             cmd: list[str] | None = None) -> ProxyProc:
+             cmd: list[str] | None = None, drop: tuple[str, ...] = ()) -> ProxyProc:
     """`residency-gate run -c cfg` (or `cmd`), audit on unless audit=False (benchmark-only env)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cfg = rg_config(workdir, fake, port, extra)
+    cfg = rg_config(workdir, fake, port, extra, drop)
     env = dict(os.environ)
     env.pop("RESIDENCY_GATE_BENCH_NO_AUDIT", None)
     if not audit:

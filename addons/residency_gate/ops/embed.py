@@ -33,6 +33,7 @@ from mitmproxy.options import Options
 
 from ..catalog.bundle import Bundle
 from ..catalog.config import Limits
+from . import dispatch
 
 CA_CERT = "mitmproxy-ca-cert.pem"
 
@@ -92,6 +93,7 @@ def limit_options(limits: Limits) -> dict:
 def gate_master(*addons: object) -> Master:
     """A mitmproxy master with only the gate's addons (call inside a running loop)."""
     master = Master(Options(), with_termlog=False)
+    dispatch.install(master)  # hook handlers looked up once per hook name (ops/dispatch.py)
     master.addons.add(*gate_addons())
     master.addons.add(*addons)
     return master

@@ -96,11 +96,15 @@ class ClientClock:
         if not self.open_requests and self.phase == ACTIVE:
             self.to(IDLE, now)
 
+    def head_over(self, limits: Limits) -> bool:
+        """A request head (or what precedes the first) larger than limits.max_header_bytes."""
+        return self.phase in (OPENING, WAIT_HEAD, HEAD) and self.head_bytes > limits.max_header_bytes
+
     def expired(self, now: float, limits: Limits) -> str | None:
         """The limits.* key that this connection has broken, if any."""
         if self.phase == TUNNEL:
             return None
-        if self.phase in (OPENING, WAIT_HEAD, HEAD) and self.head_bytes > limits.max_header_bytes:
+        if self.head_over(limits):
             return "max_header_bytes"
         deadline, key = self.deadline(limits)
         if deadline is not None and now >= deadline:
@@ -294,17 +298,24 @@ class Guard(layer.Layer):
         limits = self.owner.limits()
         if limits is None:
             return
-        key = self.client.expired(now, limits)
-        if key is not None:
-            self._closed = True
-            self.owner.hit(key, f"closed client connection {_peer(self.context.client)} "
-                                f"({self.client.phase}): limits.{key} = {getattr(limits, key)}")
-            yield commands.CloseConnection(self.context.client)
-            return
-        for key, what in list(self.upstream.expired(now, limits)):
-            yield from self._give_up_upstream(key, what, limits)
-        times = [self.client.deadline(limits)[0], self.upstream.deadline(limits)]
-        deadline = min((t for t in times if t is not None), default=None)
+        client_due, _ = self.client.deadline(limits)
+        upstream_due = self.upstream.deadline(limits)
+        # most calls find nothing run out: the deadlines say so without walking the waits
+        if (client_due is not None and now >= client_due) or self.client.head_over(limits):
+            key = self.client.expired(now, limits)
+            if key is not None:
+                self._closed = True
+                self.owner.hit(key, f"closed client connection {_peer(self.context.client)} "
+                                    f"({self.client.phase}): limits.{key} = "
+                                    f"{getattr(limits, key)}")
+                yield commands.CloseConnection(self.context.client)
+                return
+        if upstream_due is not None and now >= upstream_due:
+            for key, what in list(self.upstream.expired(now, limits)):
+                yield from self._give_up_upstream(key, what, limits)
+            upstream_due = self.upstream.deadline(limits)
+        deadline = (upstream_due if client_due is None else client_due if upstream_due is None
+                    else min(client_due, upstream_due))
         if deadline is not None:
             self._due = deadline
         if deadline is not None and not any(t <= deadline for t in self._wakeups.values()):
