@@ -45,7 +45,7 @@ CASES = {"allowed": "global", "blocked": "eu"}
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
 # Blocking in fsync is not idle to py-spy (the thread is in D state) but costs little CPU:
 # counted apart, as the /proc figures show.
-WAIT = re.compile(r"(^|\.)(f?sync|fdatasync)$")
+WAIT = re.compile(r"(^|\.)_?(f?sync|fdatasync)$")
 
 
 def short(path: str) -> str:
@@ -96,7 +96,8 @@ def fold(raw: Path) -> Profile:
         if WAIT.search(func):
             p.waits += n
             continue
-        where = "writer child" if "writer_child" in proc[0] else "proxy"
+        # the audit writer process: audit.writer_child (audit.worker before issue 9)
+        where = "writer child" if "residency_gate.audit." in proc[0] else "proxy"
         p.own[where][f"{func} ({file})"] += n
         p.package[file.split("/", 1)[0] if "/" in file else file.removesuffix(".py")] += n
         p.process[where] += n
