@@ -1,51 +1,40 @@
 """Headless Chromium for tests of the HTML pages people read (block page, reports).
 
-`render(page, width)` loads the page as a file in an iframe of that width (so media
-queries see a phone's or a desktop's viewport) and returns what the browser made of it:
-the visible text (`innerText`, so hidden elements are not counted), how far the page
-overflows its viewport horizontally, and how many resources it tried to load (a
-self-contained page loads none). `screenshot(page, png, width)` saves what a person
-would see. Chromium runs with no network and a fresh profile each time.
+One way to drive it: Debian's ``chromium`` with a fresh profile, no network (every name
+resolves to nothing, a dead proxy) and its DevTools protocol on loopback. ``Browser.render``
+loads a page as a file at a viewport width (media queries see a phone's or a desktop's
+screen) and reports what a person would see: the title, ``document.body.innerText`` (CSS-
+hidden elements excluded), the first element's text and position, whether the page is
+wider than its viewport, how many resources it tried to load (a self-contained page loads
+none), and a screenshot. ``check_page`` is what every page gets at 390 and 1280 px.
 
-Debian's `chromium` is installed by `.ci/run`; without it these tests are skipped, or
-fail under CI (CI=true), where a skipped browser test would hide a broken page.
+``.ci/run`` installs chromium; without it these tests are skipped, or fail under CI
+(CI=true), where a skipped browser test would hide a broken page.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import struct
 import subprocess
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
+from websockets.sync.client import connect
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--disable-extensions", "--allow-file-access-from-files",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9")
-TIMEOUT = 90
-
-_PROBE = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body style="margin:0">
-<iframe id="page" src="page.html" width="{width}" height="{height}" style="border:0"></iframe>
-<pre id="probe"></pre><script>
-window.addEventListener("load", function () {{
-  var f = document.getElementById("page"), d = f.contentDocument, w = f.contentWindow;
-  document.getElementById("probe").textContent = JSON.stringify({{
-    text: d.body ? d.body.innerText : "",
-    title: d.title,
-    overflow: d.documentElement.scrollWidth - w.innerWidth,
-    viewport: w.innerWidth,
-    resources: w.performance.getEntriesByType("resource").length
-  }});
-}});
-</script></body></html>
-"""
+         "--disable-extensions", "--hide-scrollbars",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
 
 
 def require_tool(names: tuple[str, ...], package: str) -> str:
@@ -67,64 +56,128 @@ def require_chromium() -> str:
 
 @dataclass(frozen=True)
 class Rendered:
-    text: str  # what the page shows, as the browser laid it out
     title: str
-    overflow: int  # px the page is wider than its viewport (0: nothing scrolls sideways)
-    viewport: int
+    text: str  # what the page shows, as the browser laid it out
+    first: str  # the first element's text: what is on top
+    first_top: float  # px from the top of the viewport to that element
+    scroll_width: int
+    inner_width: int  # the viewport's width as the page sees it
     resources: int  # resources the page tried to load
 
+    @property
+    def overflow(self) -> int:
+        """px the page is wider than its viewport (<= 0: nothing scrolls sideways)."""
+        return self.scroll_width - self.inner_width
 
-class _Pre(HTMLParser):
+
+_PROBE = """JSON.stringify({
+  title: document.title,
+  text: document.body ? document.body.innerText : "",
+  first: document.body && document.body.firstElementChild
+         ? document.body.firstElementChild.innerText : "",
+  first_top: document.body && document.body.firstElementChild
+             ? document.body.firstElementChild.getBoundingClientRect().top : 0,
+  scroll_width: document.documentElement.scrollWidth,
+  inner_width: window.innerWidth,
+  resources: performance.getEntriesByType("resource").length
+})"""
+
+
+class Browser:
+    """One Chromium process; ``render(path, width)`` loads a file at that viewport width."""
+
     def __init__(self) -> None:
-        super().__init__()
-        self.inside = False
-        self.text = ""
+        self.exe = require_chromium()
+        self.profile = Path(tempfile.mkdtemp(prefix="rg-chromium-"))
+        self.proc = subprocess.Popen([self.exe, *FLAGS, f"--user-data-dir={self.profile}",
+                                      "about:blank"], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ws = None
+        self._id = 0
+        try:
+            self._attach()
+        except BaseException:
+            self.close()
+            raise
 
-    def handle_starttag(self, tag, attrs) -> None:
-        self.inside = tag == "pre" and ("id", "probe") in attrs
+    def _attach(self) -> None:
+        port_file = self.profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            time.sleep(0.05)
+        port = int(port_file.read_text().split()[0])
+        deadline = time.monotonic() + 10
+        while self.ws is None:
+            targets = json.loads(urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/json/list", timeout=5).read())
+            pages = [t for t in targets if t.get("type") == "page"]
+            if pages:
+                self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=64 << 20,
+                                  open_timeout=10).__enter__()
+            elif time.monotonic() > deadline:
+                raise RuntimeError("chromium has no page target")
+            else:
+                time.sleep(0.05)
 
-    def handle_endtag(self, tag) -> None:
-        self.inside = False
+    def call(self, method: str, **params: Any) -> dict:
+        self._id += 1
+        assert self.ws is not None
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self._id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
 
-    def handle_data(self, data) -> None:
-        if self.inside:
-            self.text += data
+    def evaluate(self, expression: str) -> Any:
+        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return res["result"].get("value")
+
+    def render(self, page: Path, width: int, height: int = 900,
+               screenshot: Path | None = None) -> Rendered:
+        """Load the file `page` in a `width` x `height` viewport; what it rendered (and a
+        PNG of the viewport in `screenshot`)."""
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=width < 600)
+        self.call("Page.navigate", url=Path(page).resolve().as_uri())
+        deadline = time.monotonic() + 30
+        while self.evaluate("document.readyState") != "complete":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{page} did not finish loading")
+            time.sleep(0.05)
+        got = Rendered(**json.loads(self.evaluate(_PROBE)))
+        if screenshot is not None:
+            data = self.call("Page.captureScreenshot", format="png")["data"]
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            screenshot.write_bytes(base64.b64decode(data))
+        return got
+
+    def close(self) -> None:
+        if self.ws is not None:
+            try:
+                self.ws.close()
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _run(args: list[str], profile: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_chromium(), *FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, timeout=TIMEOUT, check=False)
-
-
-def render(page: str | Path, width: int = 1280, height: int = 900) -> Rendered:
-    """Load the page (HTML text or a file) at `width` px and return what it rendered."""
-    html = Path(page).read_text() if isinstance(page, Path) else page
-    with tempfile.TemporaryDirectory(prefix="rg-browser-") as tmp:
-        root = Path(tmp)
-        (root / "page.html").write_text(html, encoding="utf-8")
-        (root / "probe.html").write_text(_PROBE.format(width=width, height=height))
-        done = _run(["--window-size=1400,1000", "--virtual-time-budget=3000", "--dump-dom",
-                     (root / "probe.html").as_uri()], str(root / "profile"))
-    parser = _Pre()
-    parser.feed(done.stdout.decode("utf-8", "replace"))
-    if not parser.text:
-        raise AssertionError(f"chromium rendered nothing: {done.stderr.decode()[-2000:]}")
-    data = json.loads(parser.text)
-    return Rendered(data["text"], data["title"], int(data["overflow"]), int(data["viewport"]),
-                    int(data["resources"]))
-
-
-def screenshot(page: str | Path, png: Path, width: int, height: int = 900) -> tuple[int, int]:
-    """Save a screenshot of the page at `width` px; returns the image's (width, height)."""
-    html = Path(page).read_text() if isinstance(page, Path) else page
-    with tempfile.TemporaryDirectory(prefix="rg-browser-") as tmp:
-        source = Path(tmp) / "page.html"
-        source.write_text(html, encoding="utf-8")
-        png.parent.mkdir(parents=True, exist_ok=True)
-        done = _run([f"--window-size={width},{height}", f"--screenshot={png}",
-                     "--hide-scrollbars", source.as_uri()], str(Path(tmp) / "profile"))
-    if not png.exists():
-        raise AssertionError(f"no screenshot: {done.stderr.decode()[-2000:]}")
+def png_size(png: Path) -> tuple[int, int]:
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     return struct.unpack(">II", data[16:24])
@@ -134,14 +187,18 @@ def check_page(page: str | Path, shots: Path, name: str, expect: list[str]) -> d
     """The checks every page gets, at phone and desktop width: the expected text is
     rendered, nothing overflows sideways, nothing is loaded, and screenshots are saved."""
     out = {}
-    for width in (390, 1280):
-        got = render(page, width)
-        assert got.viewport == width, got
-        for text in expect:
-            assert text in got.text, f"{name} at {width}px: {text!r} not rendered in\n{got.text}"
-        assert got.overflow <= 0, f"{name} at {width}px overflows by {got.overflow}px"
-        assert got.resources == 0, f"{name} loads {got.resources} resource(s)"
-        size = screenshot(page, shots / f"{name}-{width}.png", width)
-        assert size == (width, 900), size
-        out[width] = got
+    with tempfile.TemporaryDirectory(prefix="rg-page-") as tmp, Browser() as browser:
+        if isinstance(page, str):
+            (Path(tmp) / "page.html").write_text(page, encoding="utf-8")
+            page = Path(tmp) / "page.html"
+        for width in (390, 1280):
+            png = shots / f"{name}-{width}.png"
+            got = browser.render(page, width, screenshot=png)
+            assert got.inner_width == width, got
+            for text in expect:
+                assert text in got.text, f"{name} at {width}px: {text!r} not rendered in\n{got.text}"
+            assert got.overflow <= 0, f"{name} at {width}px overflows by {got.overflow}px"
+            assert got.resources == 0, f"{name} loads {got.resources} resource(s)"
+            assert png_size(png) == (width, 900), png_size(png)
+            out[width] = got
     return out

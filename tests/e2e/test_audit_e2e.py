@@ -847,7 +847,7 @@ def test_write_failure_refuses_llm_traffic_and_reports_unready(
 
 def test_report_of_a_tampered_trail_rendered_in_chromium(trail: Trail, copy: tuple[Path, Path],
                                                          tmp_path: Path) -> None:
-    from chromium import Browser
+    from browser import Browser
 
     d, anchor = copy
     s = pick(d, is_blocked_decision)
@@ -863,11 +863,11 @@ def test_report_of_a_tampered_trail_rendered_in_chromium(trail: Trail, copy: tup
     with Browser() as b:
         for width in (1280, 390):
             v = views[width] = b.render(page, width, screenshot=tmp_path / f"r{width}.png")
-            assert v["title"].startswith("VERIFICATION FAILED"), v["title"]
-            assert v["first"].startswith("VERIFICATION FAILED") and v["first_top"] < 40
-            assert "bad-signature" in v["first"]
-            assert v["scroll_width"] <= v["inner_width"], f"wider than {width} px"
-    text = views[1280]["text"]
+            assert v.title.startswith("VERIFICATION FAILED"), v.title
+            assert v.first.startswith("VERIFICATION FAILED") and v.first_top < 40
+            assert "bad-signature" in v.first
+            assert v.scroll_width <= v.inner_width, f"wider than {width} px"
+    text = views[1280].text
     # the forged allow is counted neither as an allow nor, altered, as a block
     assert "Records that did not verify (1)" in text
     assert f"Blocked flows ({blocked - 1})" in text

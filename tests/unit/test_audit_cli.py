@@ -136,7 +136,7 @@ def test_report_html_self_contained(env, capsys):
 
 @pytest.fixture(scope="module")
 def browser():
-    from chromium import Browser
+    from browser import Browser
 
     with Browser() as b:
         yield b
@@ -155,17 +155,17 @@ def test_report_rendered_intact(env, capsys, browser):
     rc, _out, views = render_report(capsys, d, certs, root / "r.html", browser)
     assert rc == 0
     for width, v in views.items():
-        assert v["title"].startswith("Verified"), v["title"]
-        assert v["first"].startswith("Verified: the audit trail is intact"), v["first"]
-        assert v["first_top"] < 40  # the verdict is the first thing on the screen
-        assert v["scroll_width"] <= v["inner_width"], f"wider than {width} px"
-        text = v["text"]
+        assert v.title.startswith("Verified"), v.title
+        assert v.first.startswith("Verified: the audit trail is intact"), v.first
+        assert v.first_top < 40  # the verdict is the first thing on the screen
+        assert v.scroll_width <= v.inner_width, f"wider than {width} px"
+        text = v.text
         assert text.index("What vouches") < text.index("Blocked flows (1)") \
             < text.index("Decisions by provider")
         assert "outside_requirement" in text and "451" in text  # code and status columns
         assert "reason <0>" not in text  # the prose is on demand, behind the code
         assert "no anchor given" in text
-    assert "Decisions (4)" in views[1280]["text"]
+    assert "Decisions (4)" in views[1280].text
 
 
 def test_report_rendered_tampered_shows_failure_first_and_counts_no_forgery(env, capsys,
@@ -176,11 +176,11 @@ def test_report_rendered_tampered_shows_failure_first_and_counts_no_forgery(env,
     rc, out, views = render_report(capsys, d, certs, root / "t.html", browser)
     assert rc == 1 and "1 record(s) did not verify" in out and "FAILED" in out
     for width, v in views.items():
-        assert v["title"].startswith("VERIFICATION FAILED"), v["title"]
-        assert v["first"].startswith("VERIFICATION FAILED"), v["first"]
-        assert "bad-signature" in v["first"] and v["first_top"] < 40
-        assert v["scroll_width"] <= v["inner_width"], f"wider than {width} px"
-    text = views[1280]["text"]
+        assert v.title.startswith("VERIFICATION FAILED"), v.title
+        assert v.first.startswith("VERIFICATION FAILED"), v.first
+        assert "bad-signature" in v.first and v.first_top < 40
+        assert v.scroll_width <= v.inner_width, f"wider than {width} px"
+    text = views[1280].text
     # the forged allow is listed as not verified and counted nowhere: 3 genuine decisions,
     # two of them allow, none blocked
     assert "Records that did not verify (1)" in text
