@@ -43,8 +43,8 @@ from benchlib import (
 
 CASES = {"allowed": "global", "blocked": "eu"}
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
-# Blocking in fsync is not idle to py-spy (the thread is in D state) but costs little CPU:
-# counted apart, as the /proc figures show.
+# A thread blocked in fsync is not idle to py-spy (D state), but mostly waits for the disk:
+# those samples are counted apart; what fsync costs in CPU shows in the /proc figures.
 WAIT = re.compile(r"(^|\.)_?(f?sync|fdatasync)$")
 
 
