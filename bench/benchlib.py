@@ -105,22 +105,31 @@ def _stat(pid: int | str) -> list[str] | None:
         return None
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process and of its live descendants (workers), Linux /proc."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (workers, the audit writer), Linux /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             st = _stat(entry)
             if st is not None:
                 children.setdefault(int(st[1]), []).append(int(entry))
-    total, todo = 0.0, [pid]
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
-        st = _stat(p)
-        if st is not None:
-            total += (int(st[11]) + int(st[12])) / CLK_TCK  # utime, stime
+        tree.append(p)
         todo += children.get(p, [])
-    return total
+    return tree
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """utime+stime of one process (0 once it is gone)."""
+    st = _stat(pid)
+    return (int(st[11]) + int(st[12])) / CLK_TCK if st is not None else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and of its live descendants."""
+    return sum(own_cpu_seconds(p) for p in process_tree(pid))
 
 
 def workdir_base() -> Path:
@@ -216,22 +225,14 @@ def responseheaders(flow):
 
 def rss_kb(pid: int) -> int:
     """Resident set size of a process tree in KiB (Linux /proc), for memory-flatness checks."""
-    total, todo = 0, [pid]
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _stat(entry)
-            if st is not None:
-                children.setdefault(int(st[1]), []).append(int(entry))
-    while todo:
-        p = todo.pop()
+    total = 0
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         except OSError:
             pass
-        todo += children.get(p, [])
     return total
 
 

@@ -28,13 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
-    CLK_TCK,
     ROOT,
     TAG_HEADER,
     FakeServer,
     ProxyProc,
-    _stat,
     load,
+    own_cpu_seconds,
+    process_tree,
     start_rg,
     stop,
     through,
@@ -57,13 +57,8 @@ def short(path: str) -> str:
 
 
 def own_cpu(pid: int) -> dict[int, float]:
-    """utime+stime of a process and of each child, apart (Linux /proc)."""
-    out = {}
-    for entry in [str(pid), *Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]:
-        st = _stat(entry)
-        if st is not None:
-            out[int(entry)] = (int(st[11]) + int(st[12])) / CLK_TCK
-    return out
+    """utime+stime of a process and of each descendant, apart."""
+    return {p: own_cpu_seconds(p) for p in process_tree(pid)}
 
 
 @dataclass
